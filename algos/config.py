@@ -1,0 +1,200 @@
+"""One documented dataclass config for every RL entry point.
+
+Field names follow TRL's ``GRPOConfig`` where the concept exists (``num_generations``,
+``max_completion_length``, ``beta``, ``epsilon``, ``epsilon_high``, ``loss_type``,
+``scale_rewards``, ``num_iterations``, ...). Each field's ``help`` is what ``--help`` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+ALGORITHMS = ("grpo", "ppo", "reinforce_pp", "reinforce_pp_baseline")
+LOSS_TYPES = {  # TRL loss_type -> aggregation mode of algos.losses.aggregate
+    "grpo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "token-mean",
+}
+KL_IN_REWARD = {"ppo": True, "reinforce_pp": True, "grpo": False, "reinforce_pp_baseline": False}
+DEFAULT_BETA = {"ppo": 0.01, "reinforce_pp": 0.01, "grpo": 0.0, "reinforce_pp_baseline": 0.001}
+
+
+class ConfigError(ValueError):
+    """A config value a user set is unknown or invalid; the message names the field."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RLConfig:
+    # --- what to run ---------------------------------------------------------------------------
+    algorithm: str = _f("grpo", "RL algorithm: grpo, ppo, reinforce_pp or reinforce_pp_baseline "
+                        "(set by the entry point script).", choices=ALGORITHMS)
+    model_name_or_path: str = _f("smollm2-135m-instruct", "HF hub id, local path, or "
+                                 "'smollm2-135m-instruct' for the embedded default model.")
+    output_dir: str = _f("", "Where checkpoints, logs and the final model go (default runs/<algorithm>).")
+    run_name: str = _f("", "Run name for W&B / TensorBoard (default: the output_dir name).")
+    seed: int = _f(42, "Random seed (data order, sampling, initialisation).")
+    # --- data ----------------------------------------------------------------------------------
+    dataset: str = _f("arithmetic", "'arithmetic' (seeded synthetic task), 'gsm8k' (shipped train "
+                      "split), an HF hub dataset name, or a local .jsonl/.json/.parquet file.")
+    dataset_split: str = _f("train", "Split of an HF hub dataset to train on.")
+    question_column: str = _f("question", "Dataset column holding the question.")
+    answer_column: str = _f("answer", "Dataset column holding the ground-truth answer.")
+    prompt_template: str = _f(
+        "{question}\nGive the final answer as a number in \\boxed{{}}, for example \\boxed{{42}}.",
+        "Python format string for the user message; {question} is replaced.")
+    system_prompt: str = _f("", "Optional system message (empty: the chat template's default).")
+    use_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template.")
+    arithmetic_digits: int = _f(2, "Arithmetic task: digits per operand.")
+    arithmetic_operands: int = _f(2, "Arithmetic task: number of operands.")
+    arithmetic_operators: str = _f("+", "Arithmetic task: operators to draw from ('+', '+-', '+-*').")
+    num_train_samples: int = _f(10000, "Training problems to use (arithmetic: problems generated).")
+    num_eval_samples: int = _f(200, "Held-out problems for evaluation (arithmetic: its test split; "
+                               "other datasets: the last N records, kept out of training).")
+    eval_steps: int = _f(0, "Evaluate greedy accuracy every N steps (0: only at the end).")
+    eval_on_start: bool = _f(False, "Evaluate once before training.")
+    eval_batch_size: int = _f(64, "Prompts per evaluation generate call.")
+    # --- rewards -------------------------------------------------------------------------------
+    reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, repro) "
+                     "or module:function / file.py:function with the TRL signature.")
+    reward_weights: str = _f("", "Comma-separated weights, one per reward (default all 1.0).")
+    # --- generation ----------------------------------------------------------------------------
+    num_generations: int = _f(8, "Completions sampled per prompt (group size G).")
+    max_prompt_length: int = _f(256, "Prompts longer than this (tokens) are truncated from the left.")
+    max_completion_length: int = _f(128, "Maximum generated tokens per completion.")
+    temperature: float = _f(1.0, "Sampling temperature (also divides the logits in the loss).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    generation_batch_size: int = _f(0, "Sequences per generate call (0: the whole rollout batch).")
+    # --- batch sizes ---------------------------------------------------------------------------
+    per_device_train_batch_size: int = _f(8, "Completions per forward/backward micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    steps_per_generation: int = _f(1, "Optimizer steps per rollout batch and iteration. A rollout batch "
+                                   "holds per_device_train_batch_size x gradient_accumulation_steps x "
+                                   "steps_per_generation completions per process.")
+    num_iterations: int = _f(1, "Passes over each rollout batch (PPO epochs, GRPO's mu).")
+    max_steps: int = _f(100, "Training steps; one step = one rollout batch and its updates.")
+    # --- optimisation --------------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "Policy learning rate (AdamW).")
+    critic_learning_rate: float = _f(1e-5, "PPO critic learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    lr_scheduler_type: str = _f("constant", "Learning-rate schedule: constant, linear or cosine.",
+                                choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
+    bf16: bool = _f(False, "Run the policy in bfloat16 (mixed precision through Accelerate).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    # --- the loss ------------------------------------------------------------------------------
+    loss_type: str = _f("dapo", "Loss aggregation: grpo (per-sequence mean, then mean), dr_grpo "
+                        "(sum / (B x max_completion_length)), dapo (mean over all tokens).",
+                        choices=tuple(LOSS_TYPES))
+    scale_rewards: str = _f("group", "GRPO: divide advantages by the group std ('group') or not "
+                            "('none', Dr.GRPO).", choices=("group", "none"))
+    epsilon: float = _f(0.2, "PPO clip range (lower).")
+    epsilon_high: float = _f(0.0, "Upper clip range, clip-higher as in DAPO (0: same as epsilon).")
+    dual_clip: float = _f(0.0, "Dual-clip bound c > 1 for negative advantages (0: off; 3 is usual).")
+    beta: float = _f(-1.0, "KL coefficient (-1: algorithm default: grpo 0, reinforce_pp_baseline "
+                     "0.001, ppo and reinforce_pp 0.01). In the reward for ppo/reinforce_pp, in "
+                     "the loss for grpo/reinforce_pp_baseline; 0 loads no reference model.")
+    kl_estimator: str = _f("", "KL estimator k1, k2 or k3 (default: k1 in the reward, k3 in the loss).")
+    gamma: float = _f(1.0, "Discount (PPO GAE and REINFORCE++ returns).")
+    lam: float = _f(0.95, "GAE lambda (PPO).")
+    cliprange_value: float = _f(0.5, "PPO value-loss clip range.")
+    vf_coef: float = _f(0.5, "PPO value-loss coefficient.")
+    # --- PEFT ----------------------------------------------------------------------------------
+    use_peft: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names, or 'all-linear'.")
+    # --- logging and checkpoints ---------------------------------------------------------------
+    report_to: str = _f("wandb", "wandb (offline when no API key is set), tensorboard, or none. "
+                        "metrics.jsonl is always written to output_dir.",
+                        choices=("wandb", "tensorboard", "none"))
+    wandb_project: str = _f("repro-rl", "W&B project.")
+    logging_steps: int = _f(1, "Log metrics every N steps.")
+    log_completions_steps: int = _f(10, "Log a table of sample completions every N steps (0: off).")
+    num_completions_to_print: int = _f(4, "Completions per logged table.")
+    save_steps: int = _f(0, "Save a checkpoint every N steps (0: only the final model).")
+    save_total_limit: int = _f(2, "Keep at most N step checkpoints (0: keep all).")
+    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint directory to resume from.")
+
+    def __post_init__(self):
+        self.validate()
+
+    # Derived values ---------------------------------------------------------------------------
+    @property
+    def kl_coef(self) -> float:
+        return DEFAULT_BETA[self.algorithm] if self.beta < 0 else self.beta
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return KL_IN_REWARD[self.algorithm]
+
+    @property
+    def kl_kind(self) -> str:
+        return self.kl_estimator or ("k1" if self.kl_in_reward else "k3")
+
+    @property
+    def agg_mode(self) -> str:
+        return LOSS_TYPES[self.loss_type]
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions per process per step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.steps_per_generation
+
+    @property
+    def prompts_per_device(self) -> int:
+        return self.rollout_batch_size // self.num_generations
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ConfigError(f"invalid --{name}={getattr(self, name)!r}: {why}")
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"choose one of {', '.join(choices)}")
+        for name in ("num_generations", "max_completion_length", "max_prompt_length",
+                     "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "steps_per_generation", "num_iterations", "max_steps", "logging_steps",
+                     "num_train_samples", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("learning_rate", "critic_learning_rate", "temperature"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be > 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.epsilon <= 0 or self.epsilon_high < 0:
+            bad("epsilon", "clip ranges must be > 0")
+        if self.dual_clip and self.dual_clip <= 1:
+            bad("dual_clip", "must be > 1 (or 0 for off)")
+        if self.beta < 0 and self.beta != -1.0:
+            bad("beta", "must be >= 0 (or -1 for the algorithm default)")
+        if self.kl_estimator not in ("", "k1", "k2", "k3"):
+            bad("kl_estimator", "choose k1, k2 or k3")
+        if self.rollout_batch_size % self.num_generations:
+            bad("num_generations", f"must divide the completions per process and step "
+                f"({self.rollout_batch_size} = per_device_train_batch_size x "
+                "gradient_accumulation_steps x steps_per_generation)")
+        if self.algorithm in ("grpo", "reinforce_pp_baseline") and self.num_generations < 2:
+            bad("num_generations", f"{self.algorithm} compares completions of one prompt: use >= 2")
+        if not self.reward.strip():
+            bad("reward", "name at least one reward")
+        if self.reward_weights:
+            try:
+                weights = [float(w) for w in self.reward_weights.split(",")]
+            except ValueError:
+                bad("reward_weights", "must be comma-separated numbers")
+            if len(weights) != len(self.reward.split(",")):
+                bad("reward_weights", f"gives {len(weights)} weights for {len(self.reward.split(','))} rewards")
+        if self.use_peft and self.lora_r < 1:
+            bad("lora_r", "must be >= 1")
+        if self.algorithm == "ppo" and self.use_peft:
+            bad("use_peft", "PPO with LoRA is not supported yet (the critic needs full weights)")

@@ -1,0 +1,155 @@
+"""Prompt datasets: the shipped GSM8K split, a seeded arithmetic task, and any HF dataset.
+
+Every loader returns a list of records ``{"question": str, "answer": str, ...}``; the trainer
+turns a record into a chat prompt with :func:`build_prompt`. Extra columns ride along and reach
+reward functions as keyword arguments (TRL convention).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SHIPPED_DIR = Path(__file__).parent / "datasets"
+GSM8K_TRAIN = SHIPPED_DIR / "gsm8k_train.jsonl"
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "{question}\nGive the final answer as a number in \\boxed{{}}, for example \\boxed{{42}}."
+)
+
+
+class DataConfigError(ValueError):
+    """Bad dataset settings; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Seeded synthetic arithmetic: ``num_operands`` integers of ``digits`` digits joined by
+    operators drawn from ``operators``. Problem i of a seed is always the same problem, and the
+    'train' and 'test' splits use disjoint seeds streams (test problems are also removed from
+    train when they coincide)."""
+
+    digits: int = 2
+    num_operands: int = 2
+    operators: str = "+"
+
+    def __post_init__(self):
+        if self.digits < 1 or self.num_operands < 2:
+            raise DataConfigError("arithmetic task needs digits >= 1 and num_operands >= 2")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise DataConfigError(f"arithmetic operators must be drawn from '+-*', got '{self.operators}'")
+
+    def problem(self, rng: random.Random) -> dict:
+        lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
+        if self.digits == 1:
+            lo = 0
+        numbers = [rng.randint(lo, hi) for _ in range(self.num_operands)]
+        ops = [rng.choice(self.operators) for _ in range(self.num_operands - 1)]
+        expression = str(numbers[0])
+        for op, n in zip(ops, numbers[1:]):
+            expression += f" {op} {n}"
+        value = eval(expression, {"__builtins__": {}})  # digits and + - * only
+        return {"question": f"What is {expression}?", "answer": str(value), "expression": expression}
+
+    def generate(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+        """``n`` problems; the test split draws from another stream and excludes nothing,
+        the train split skips any expression of the first 1000 test problems."""
+        if split not in ("train", "test"):
+            raise DataConfigError(f"arithmetic split must be 'train' or 'test', got '{split}'")
+        if split == "test":
+            rng = random.Random(f"arith-test-{seed}")
+            return [self.problem(rng) for _ in range(n)]
+        held_out = {p["expression"] for p in self.generate(1000, seed=seed, split="test")}
+        rng = random.Random(f"arith-train-{seed}")
+        records = []
+        while len(records) < n:
+            p = self.problem(rng)
+            if p["expression"] not in held_out or len(held_out) >= (10 ** self.digits) ** self.num_operands // 2:
+                records.append(p)
+        return records
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """GSM8K solutions end with '#### <answer>'; commas are dropped."""
+    match = re.search(r"####\s*(.+?)\s*$", solution.strip())
+    if not match:
+        raise DataConfigError("GSM8K record without a '#### answer' line")
+    return match.group(1).replace(",", "").strip()
+
+
+def load_gsm8k(path: Path = GSM8K_TRAIN) -> list[dict]:
+    """The shipped GSM8K train split (7,473 problems, MIT licence in datasets/GSM8K_LICENSE)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            records.append({"question": row["question"], "answer": gsm8k_final_answer(row["answer"]),
+                            "solution": row["answer"]})
+    return records
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train", question_column: str = "question",
+                    answer_column: str = "answer", subset: str | None = None) -> list[dict]:
+    """Any HF dataset: a hub name or a local .jsonl/.json/.parquet file, columns mapped."""
+    import datasets
+
+    path = Path(name_or_path)
+    try:
+        if path.suffix in (".jsonl", ".json", ".parquet") or path.is_file():
+            if not path.exists():
+                raise DataConfigError(f"dataset file '{name_or_path}' does not exist")
+            kind = "parquet" if path.suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(name_or_path, subset, split=split)
+    except DataConfigError:
+        raise
+    except Exception as exc:  # datasets raises many types; keep one line for the user
+        raise DataConfigError(f"cannot load dataset '{name_or_path}': {str(exc).splitlines()[0]}") from exc
+    for column in (question_column, answer_column):
+        if column not in ds.column_names:
+            raise DataConfigError(
+                f"dataset '{name_or_path}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                "set --question_column / --answer_column")
+    records = []
+    for row in ds:
+        record = dict(row)
+        record["question"] = str(row[question_column])
+        answer = str(row[answer_column])
+        record["answer"] = gsm8k_final_answer(answer) if "####" in answer else answer
+        records.append(record)
+    return records
+
+
+def load_records(dataset: str, split: str = "train", n: int | None = None, seed: int = 0,
+                 question_column: str = "question", answer_column: str = "answer",
+                 arithmetic: ArithmeticTask | None = None) -> list[dict]:
+    """Records for ``dataset``: 'arithmetic', 'gsm8k', a hub name or a local file."""
+    if dataset == "arithmetic":
+        return (arithmetic or ArithmeticTask()).generate(n or 10_000, seed=seed, split=split)
+    if dataset == "gsm8k":
+        if split != "train":
+            raise DataConfigError("the shipped gsm8k copy has only the 'train' split; "
+                                  "use --dataset openai/gsm8k (network) or a local file for test")
+        records = load_gsm8k()
+    else:
+        records = load_hf_dataset(dataset, split, question_column, answer_column)
+    return records[:n] if n else records
+
+
+def build_prompt(tokenizer, question: str, template: str = DEFAULT_PROMPT_TEMPLATE,
+                 system_prompt: str | None = None, use_chat_template: bool = True) -> str:
+    """The prompt text: the template filled with the question, wrapped in the chat template."""
+    try:
+        content = template.format(question=question)
+    except (KeyError, IndexError) as exc:
+        raise DataConfigError(f"prompt_template must contain only the field {{question}} "
+                              f"(escape braces as {{{{ }}}}): {exc}") from exc
+    if not use_chat_template or not getattr(tokenizer, "chat_template", None):
+        return content
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,169 @@
+"""Rollout engines: turn prompts into a :class:`RolloutBatch`.
+
+The HF engine batches ``model.generate`` with the KV cache and left padding. The behaviour
+policy's log-prob of each sampled token and the entropy of each step's distribution are taken
+from the scores generate already computes (a logits processor), so no extra forward pass runs.
+Any engine with the same ``generate(model, prompts, num_generations, extras)`` method plugs in
+(EAGER, vLLM).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from algos.batch import RolloutBatch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    max_prompt_length: int = 256
+    batch_size: int = 0  # sequences per generate call; 0 = all at once
+
+
+class RolloutEngine(Protocol):
+    def generate(self, model, prompts: list[str], num_generations: int,
+                 extras: dict[str, list] | None = None) -> RolloutBatch: ...
+
+
+def mask_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k set and outside the smallest nucleus of mass >= top_p to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class BehaviourStats(LogitsProcessor):
+    """Records log π(chosen token) and the entropy of π at each step, then applies temperature,
+    top-k and top-p itself (so the recorded distribution is the tempered, untruncated one the
+    trainer's loss uses). The log-prob of step t's token is read at step t + 1 from input_ids."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.logprobs: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
+        self._previous: torch.Tensor | None = None
+
+    def _take_previous(self, tokens: torch.Tensor) -> None:
+        if self._previous is not None:
+            self.logprobs.append(self._previous.gather(1, tokens[:, None]).squeeze(1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take_previous(input_ids[:, -1]) if self.entropies else None
+        scaled = scores.float() / self.temperature
+        logp = torch.log_softmax(scaled, dim=-1)
+        self.entropies.append(-(logp.exp() * logp).nansum(dim=-1))
+        self._previous = logp
+        return mask_top_k_top_p(scaled, self.top_k, self.top_p)
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._take_previous(last_tokens)
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """1 up to and including the first EOS; finish reason 'stop' if an EOS came, else 'length'."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    mask = (~seen_before).long()
+    reasons = ["stop" if row.any() else "length" for row in is_eos]
+    return mask, reasons
+
+
+class HFGenerateEngine:
+    """Batched sampling with ``model.generate`` (KV cache, left padding)."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        eos = tokenizer.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos))
+        self.last_timing: dict[str, float] = {}
+
+    def tokenize_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=self.params.max_prompt_length, add_special_tokens=False)
+        finally:
+            tok.truncation_side = side
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def _generation_config(self, model) -> GenerationConfig:
+        p = self.params
+        return GenerationConfig(
+            max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=None, top_k=None,
+            top_p=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+            use_cache=True)
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[str], num_generations: int = 1,
+                 extras: dict[str, list] | None = None) -> RolloutBatch:
+        p = self.params
+        device = next(model.parameters()).device
+        unique_ids, unique_mask = self.tokenize_prompts(prompts, device)
+        prompt_ids = unique_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = unique_mask.repeat_interleave(num_generations, dim=0)
+        total = prompt_ids.shape[0]
+        chunk = p.batch_size or total
+        config = self._generation_config(model)
+        start = time.perf_counter()
+        responses, logprobs, entropies = [], [], []
+        was_training = model.training
+        model.eval()
+        try:
+            for lo in range(0, total, chunk):
+                stats = BehaviourStats(p.temperature, p.top_k, p.top_p)
+                out = model.generate(input_ids=prompt_ids[lo:lo + chunk],
+                                     attention_mask=prompt_mask[lo:lo + chunk],
+                                     generation_config=config,
+                                     logits_processor=LogitsProcessorList([stats]))
+                response = out[:, prompt_ids.shape[1]:]
+                lp, ent = stats.finish(response[:, -1])
+                responses.append(response)
+                logprobs.append(lp)
+                entropies.append(ent)
+        finally:
+            model.train(was_training)
+        width = max(r.shape[1] for r in responses)
+        pad = self.tokenizer.pad_token_id
+
+        def right_pad(tensors, value):
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+                              for t in tensors], dim=0)
+
+        response_ids = right_pad(responses, pad)
+        response_mask, reasons = response_mask_from_ids(response_ids, self.eos_ids)
+        logprobs_t = right_pad(logprobs, 0.0) * response_mask
+        entropies_t = right_pad(entropies, 0.0) * response_mask
+        self.last_timing = {"generation_seconds": time.perf_counter() - start,
+                            "generated_tokens": float(response_mask.sum())}
+        completions = self.decode(response_ids, response_mask)
+        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
+        extras = {k: [v for v in vals for _ in range(num_generations)] for k, vals in (extras or {}).items()}
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+            response_mask=response_mask, logprobs=logprobs_t, entropies=entropies_t,
+            group_ids=group_ids, prompts=[q for q in prompts for _ in range(num_generations)],
+            completions=completions, finish_reasons=reasons, extras=extras)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        rows = [ids[: int(m.sum())].tolist() for ids, m in zip(response_ids, response_mask)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)

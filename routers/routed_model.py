@@ -1,0 +1,285 @@
+"""A frozen HF decoder run along a per-sequence path of blocks (Dr.LLM inference).
+
+Per sequence b and block l the action a[b, l] says: 0 skip (H_l = H_{l-1}), 1 execute
+(H_l = f_l(H_{l-1})), 2 repeat (H_l = f_l(f_l(H_{l-1})), same weights). Source: Dr.LLM,
+arXiv 2510.12773, Sec. "Inference"; we avoid the reference code's bugs:
+
+* the second pass of a repeated block has its **own KV-cache slot**: slot(l, pass) =
+  pass * L + l in a :class:`PathCache` of 2L slots (so the cached computation equals applying
+  the block twice to the hidden states);
+* decisions are made **once per sequence** at prefill (from actions given, or a ``decide``
+  callable such as a router) and reused at every decoding step;
+* sequences in a batch may have **different paths**: block l's pass p runs only on the rows
+  with a[:, l] > p (a fixed row set per slot, so each slot caches exactly those rows).
+
+Embeddings, rotary position embeddings, mask creation, final norm and LM head are the
+model's own modules/utilities (transformers 5.x ``LlamaModel.forward`` layout; Qwen2/Qwen3
+share it). Position ids follow HF ``generate``: cumsum(attention_mask) - 1, pads at 0.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from routers.paths import REPEAT, as_action_table
+
+_MASK_FUNCTIONS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+# decide(layer_idx, hidden_states (B, T, d), token_mask (B, T)) -> actions (B,) in {0, 1, 2}
+Decider = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PathCache(Cache):
+    """KV cache with one slot per (block, pass): slot(l, p) = p * L + l, p in {0, 1}.
+
+    Slot (l, p) holds only the rows whose action for block l exceeds p, in batch order."""
+
+    def __init__(self, config, num_layers: int):
+        types, kwargs = get_layer_types_and_kwargs(config)
+        layers = [DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i]) for _ in range(2) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.num_blocks = num_layers
+        self.seen_tokens = 0  # tokens written so far (same for every used slot)
+
+    def slot(self, layer: int, pass_idx: int) -> int:
+        return pass_idx * self.num_blocks + layer
+
+
+class _SlotView:
+    """What a decoder layer sees as its cache: ``update`` writes to one fixed slot."""
+
+    __slots__ = ("cache", "slot")
+
+    def __init__(self, cache: PathCache, slot: int):
+        self.cache, self.slot = cache, slot
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+@dataclass
+class RoutedOutput:
+    logits: torch.Tensor                 # (B, T or logits_to_keep, V)
+    actions: torch.Tensor                # (B, L) actions used
+    past_key_values: PathCache | None
+    hidden_states: torch.Tensor | None = None  # final-norm input (B, T, d) when asked
+
+
+@dataclass
+class RoutedGeneration:
+    sequences: torch.Tensor              # (B, T_prompt + new), as HF generate (pads after EOS)
+    actions: torch.Tensor                # (B, L) the path of every sequence
+    layers_executed: torch.Tensor        # (B,) block evaluations per token = sum_l a[b, l]
+    num_layers: int                      # L of the dense model
+
+    @property
+    def mean_layers_executed(self) -> float:
+        return float(self.layers_executed.float().mean())
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF generate's position ids: cumsum(mask) - 1, with padded positions set to 0."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+class RoutedModel(nn.Module):
+    """Wraps a frozen ``*ForCausalLM`` (``.model.layers``, ``.model.embed_tokens``,
+    ``.model.rotary_emb``, ``.model.norm``, ``.lm_head``) and runs it along per-row paths."""
+
+    def __init__(self, model):
+        super().__init__()
+        body = getattr(model, "model", None)
+        needed = ("layers", "embed_tokens", "rotary_emb", "norm")
+        if body is None or not all(hasattr(body, n) for n in needed) or not hasattr(model, "lm_head"):
+            raise ValueError(f"{type(model).__name__} is not a Llama-family decoder "
+                             "(need .model.layers/.embed_tokens/.rotary_emb/.norm and .lm_head)")
+        self.model = model
+        self.config = model.config
+        self.num_layers = len(body.layers)
+        types, _ = get_layer_types_and_kwargs(self.config)
+        unsupported = sorted(set(types) - set(_MASK_FUNCTIONS))
+        if unsupported:
+            raise ValueError(f"RoutedModel supports full/sliding attention layers only, found {unsupported}")
+        self.layer_types = list(types)[: self.num_layers]
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self):
+        return self.model.lm_head.weight.device
+
+    def new_cache(self) -> PathCache:
+        return PathCache(self.config, self.num_layers)
+
+    def _mask_builder(self, hidden, attention_mask, position_ids, cache, table):
+        """Lazily build one mask per attention type with the model's own mask utilities.
+
+        With a filled cache, the mask is sized against a slot that some row uses (every used slot
+        holds ``cache.seen_tokens`` tokens); at prefill every slot is empty, so any slot will do."""
+        masks: dict[str, torch.Tensor | None] = {}
+
+        def get(kind: str):
+            if kind not in masks:
+                ref = None
+                if cache is not None:
+                    slots = [p * self.num_layers + l for p in (0, 1) for l in range(self.num_layers)
+                             if self.layer_types[l] == kind
+                             and (cache.seen_tokens == 0 or bool((table[:, l] > p).any()))]
+                    ref = slots[0]
+                masks[kind] = _MASK_FUNCTIONS[kind](
+                    config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                    past_key_values=cache, position_ids=position_ids, layer_idx=ref)
+            return masks[kind]
+
+        return get
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                actions=None, decide: Decider | None = None, past_key_values: PathCache | None = None,
+                position_ids: torch.Tensor | None = None, use_cache: bool = False,
+                inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
+                block_hook: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                output_hidden_states: bool = False) -> RoutedOutput:
+        """Run the routed model on ``input_ids`` (B, T).
+
+        ``attention_mask`` covers past + current tokens (B, past + T), as in HF. Exactly one of
+        ``actions`` ((B, L) table, one path, or B paths) or ``decide`` (called per block on the
+        hidden states entering it, at prefill) gives the path. ``block_hook(l, h, mask)`` sees the
+        hidden states entering every block (teacher forcing)."""
+        body = self.model.model
+        if inputs_embeds is None:
+            inputs_embeds = body.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        past = cache.seen_tokens if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (batch, past + length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected ({batch}, {past + length}) = (batch, past + new tokens)")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, past:]
+        if (actions is None) == (decide is None):
+            raise ValueError("give exactly one of `actions` (a path per sequence) or `decide` (a router)")
+        table = None
+        if actions is not None:
+            table = as_action_table(actions, batch, self.num_layers, device=inputs_embeds.device)
+
+        hidden = inputs_embeds
+        cos, sin = body.rotary_emb(hidden, position_ids=position_ids)
+        token_mask = attention_mask[:, past:]
+        if table is None and past:
+            raise ValueError("`decide` routes at prefill only; pass the prefill's actions when decoding")
+        get_mask = self._mask_builder(hidden, attention_mask, position_ids, cache, table)
+        decided = []
+        for layer_idx, layer in enumerate(body.layers):
+            if block_hook is not None:
+                block_hook(layer_idx, hidden, token_mask)
+            if table is not None:
+                col = table[:, layer_idx]
+            else:
+                col = decide(layer_idx, hidden, token_mask).to(device=hidden.device, dtype=torch.long).view(batch)
+                decided.append(col)
+            for pass_idx in range(REPEAT):
+                rows = (col > pass_idx).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                mask = get_mask(self.layer_types[layer_idx])
+                view = _SlotView(cache, cache.slot(layer_idx, pass_idx)) if cache is not None else None
+                if rows.numel() == batch:
+                    hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                                   past_key_values=view, use_cache=cache is not None,
+                                   position_embeddings=(cos, sin))
+                else:
+                    sub_mask = mask[rows] if isinstance(mask, torch.Tensor) and mask.shape[0] == batch else mask
+                    out = layer(hidden[rows], attention_mask=sub_mask, position_ids=position_ids[rows],
+                                past_key_values=view, use_cache=cache is not None,
+                                position_embeddings=(cos[rows], sin[rows]))
+                    hidden = hidden.index_copy(0, rows, out)
+        if table is None:
+            table = torch.stack(decided, dim=1)
+        if cache is not None:
+            cache.seen_tokens += length
+        final = body.norm(hidden)
+        if logits_to_keep:
+            final = final[:, -logits_to_keep:]
+        logits = self.model.lm_head(final)
+        return RoutedOutput(logits=logits, actions=table, past_key_values=cache,
+                            hidden_states=hidden if output_hidden_states else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, actions=None,
+                 decide: Decider | None = None, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> RoutedGeneration:
+        """Greedy or sampled decoding with the KV cache, like HF ``generate``: the path is fixed
+        at prefill (``actions`` or ``decide``) and reused; rows that hit EOS get pad tokens;
+        decoding stops when every row has finished or after ``max_new_tokens``."""
+        gen_cfg = getattr(self.model, "generation_config", None)
+        if eos_token_id is None and gen_cfg is not None:
+            eos_token_id = gen_cfg.eos_token_id
+        if pad_token_id is None and gen_cfg is not None:
+            pad_token_id = gen_cfg.pad_token_id
+        eos = torch.tensor([] if eos_token_id is None else
+                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                           dtype=torch.long, device=input_ids.device)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos.numel() else 0
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = input_ids.shape[0]
+        sequences = input_ids
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        cache = self.new_cache()
+        out = self.forward(input_ids, attention_mask, actions=actions, decide=decide,
+                           past_key_values=cache, logits_to_keep=1)
+        table = out.actions
+        position_ids = positions_from_mask(attention_mask)[:, -1:]
+        for step in range(max_new_tokens):
+            scores = out.logits[:, -1, :].float()
+            next_tokens = _pick(scores, do_sample, temperature, top_k, top_p, generator)
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            if eos.numel():
+                unfinished &= ~torch.isin(next_tokens, eos)
+            if not bool(unfinished.any()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+            position_ids = position_ids + 1
+            out = self.forward(next_tokens[:, None], attention_mask, actions=table, past_key_values=cache,
+                               position_ids=position_ids, logits_to_keep=1)
+        return RoutedGeneration(sequences=sequences, actions=table, layers_executed=table.sum(-1),
+                                num_layers=self.num_layers)
+
+
+def _pick(scores: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+          top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Argmax, or a sample after temperature, top-k and top-p (HF's warper order)."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    scores = scores / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[:, -1] = False
+        scores = scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
