@@ -23,8 +23,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+try:
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+except ImportError as exc:  # pragma: no cover - depends on the installed transformers
+    raise ImportError(f"routers.routed_model needs transformers 5.x (cache layer types, masking_utils): {exc}") from exc
 
 from routers.paths import REPEAT, as_action_table
 
@@ -48,9 +51,14 @@ class PathCache(Cache):
         super().__init__(layers=layers)
         self.num_blocks = num_layers
         self.seen_tokens = 0  # tokens written so far (same for every used slot)
+        self.plan: tuple[torch.Tensor, list] | None = None  # (actions, row plan) fixed at prefill
 
     def slot(self, layer: int, pass_idx: int) -> int:
         return pass_idx * self.num_blocks + layer
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (a slot no row uses stays empty, so per-slot lengths would mislead)."""
+        return self.seen_tokens
 
 
 class _SlotView:
@@ -123,7 +131,21 @@ class RoutedModel(nn.Module):
     def new_cache(self) -> PathCache:
         return PathCache(self.config, self.num_layers)
 
-    def _mask_builder(self, hidden, attention_mask, position_ids, cache, table):
+    def _plan(self, table: torch.Tensor) -> list[list[torch.Tensor | None | bool]]:
+        """Per block and pass, the rows to run: None = all rows, False = none, else an index
+        tensor. One host sync per table; the cache keeps the prefill's plan for decoding."""
+        host = table.tolist()
+        plan = []
+        for layer in range(self.num_layers):
+            per_pass = []
+            for pass_idx in range(REPEAT):
+                rows = [b for b, row in enumerate(host) if row[layer] > pass_idx]
+                per_pass.append(False if not rows else None if len(rows) == len(host)
+                                else torch.tensor(rows, dtype=torch.long, device=table.device))
+            plan.append(per_pass)
+        return plan
+
+    def _mask_builder(self, hidden, attention_mask, position_ids, cache, plan):
         """Lazily build one mask per attention type with the model's own mask utilities.
 
         With a filled cache, the mask is sized against a slot that some row uses (every used slot
@@ -134,10 +156,9 @@ class RoutedModel(nn.Module):
             if kind not in masks:
                 ref = None
                 if cache is not None:
-                    slots = [p * self.num_layers + l for p in (0, 1) for l in range(self.num_layers)
-                             if self.layer_types[l] == kind
-                             and (cache.seen_tokens == 0 or bool((table[:, l] > p).any()))]
-                    ref = slots[0]
+                    ref = next(p * self.num_layers + l for p in range(REPEAT) for l in range(self.num_layers)
+                               if self.layer_types[l] == kind
+                               and (cache.seen_tokens == 0 or plan[l][p] is not False))
                 masks[kind] = _MASK_FUNCTIONS[kind](
                     config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                     past_key_values=cache, position_ids=position_ids, layer_idx=ref)
@@ -174,32 +195,38 @@ class RoutedModel(nn.Module):
             position_ids = positions_from_mask(attention_mask)[:, past:]
         if (actions is None) == (decide is None):
             raise ValueError("give exactly one of `actions` (a path per sequence) or `decide` (a router)")
-        table = None
+        table, plan = None, None
         if actions is not None:
-            table = as_action_table(actions, batch, self.num_layers, device=inputs_embeds.device)
+            if cache is not None and cache.plan is not None and actions is cache.plan[0]:
+                table, plan = cache.plan  # decoding with the prefill's decisions: no re-planning
+            else:
+                table = as_action_table(actions, batch, self.num_layers, device=inputs_embeds.device)
+                if past and cache.plan is not None and not torch.equal(table, cache.plan[0]):
+                    raise ValueError("decoding must reuse the path chosen at prefill (pass out.actions)")
+                plan = self._plan(table)
+        elif past:
+            raise ValueError("`decide` routes at prefill only; pass the prefill's actions when decoding")
 
         hidden = inputs_embeds
         cos, sin = body.rotary_emb(hidden, position_ids=position_ids)
         token_mask = attention_mask[:, past:]
-        if table is None and past:
-            raise ValueError("`decide` routes at prefill only; pass the prefill's actions when decoding")
-        get_mask = self._mask_builder(hidden, attention_mask, position_ids, cache, table)
+        get_mask = self._mask_builder(hidden, attention_mask, position_ids, cache, plan)
         decided = []
         for layer_idx, layer in enumerate(body.layers):
             if block_hook is not None:
                 block_hook(layer_idx, hidden, token_mask)
-            if table is not None:
-                col = table[:, layer_idx]
+            if plan is not None:
+                layer_plan = plan[layer_idx]
             else:
                 col = decide(layer_idx, hidden, token_mask).to(device=hidden.device, dtype=torch.long).view(batch)
                 decided.append(col)
-            for pass_idx in range(REPEAT):
-                rows = (col > pass_idx).nonzero().flatten()
-                if rows.numel() == 0:
+                layer_plan = self._plan(col[:, None].expand(batch, self.num_layers))[0]
+            for pass_idx, rows in enumerate(layer_plan):
+                if rows is False:
                     continue
                 mask = get_mask(self.layer_types[layer_idx])
                 view = _SlotView(cache, cache.slot(layer_idx, pass_idx)) if cache is not None else None
-                if rows.numel() == batch:
+                if rows is None:
                     hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                                    past_key_values=view, use_cache=cache is not None,
                                    position_embeddings=(cos, sin))
@@ -212,6 +239,8 @@ class RoutedModel(nn.Module):
         if table is None:
             table = torch.stack(decided, dim=1)
         if cache is not None:
+            if past == 0:
+                cache.plan = (table, plan if plan is not None else self._plan(table))
             cache.seen_tokens += length
         final = body.norm(hidden)
         if logits_to_keep:

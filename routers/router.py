@@ -96,7 +96,9 @@ def knob_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
     these segments; the linear blend of probabilities within a segment is our reading.)"""
     if not -1.0 <= p <= 1.0:
         raise ValueError(f"the p knob must lie in [-1, 1], got {p}")
-    onehot = lambda a: nn.functional.one_hot(torch.tensor(a), NUM_ACTIONS).to(probs)  # noqa: E731
+    def onehot(a: int) -> torch.Tensor:
+        return nn.functional.one_hot(torch.tensor(a), NUM_ACTIONS).to(probs).expand_as(probs)
+
     if p <= -0.5:
         t = (p + 1.0) / 0.5
         return (1 - t) * onehot(SKIP) + t * probs

@@ -1,0 +1,456 @@
+"""The RL trainer on Accelerate: GRPO, PPO, REINFORCE++ and REINFORCE++-baseline.
+
+One step: sample a rollout batch -> rewards -> reference log-probs (only when the KL
+coefficient is > 0) -> values (PPO) -> advantages -> ``num_iterations`` passes of
+mini-batches with gradient accumulation and clipping -> logs -> checkpoint.
+The math lives in pure functions (``algos.advantages``, ``algos.kl``, ``algos.losses``);
+this module composes them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from algos import advantages as adv
+from algos.batch import RolloutBatch
+from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from algos.config import RLConfig
+from algos.data import ArithmeticTask, build_prompt, load_records
+from algos.evaluation import evaluate_accuracy
+from algos.kl import kl_estimate
+from algos.logprobs import logprobs_from_logits
+from algos.losses import aggregate, policy_loss, value_loss
+from algos.models import load_causal_lm, load_tokenizer
+from algos.rollout import HFGenerateEngine, SamplingParams
+from algos.tracking import RunTracker
+from algos.value_model import ActorCritic
+
+
+class PromptSampler:
+    """Deterministic, resumable prompt order: epoch e is a seeded permutation of the records;
+    the position is a single counter of prompts handed out (over all processes)."""
+
+    def __init__(self, num_records: int, seed: int):
+        self.num_records, self.seed = num_records, seed
+        self._epoch, self._order = -1, None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, self.num_records)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+                self._order = torch.randperm(self.num_records, generator=g).tolist()
+                self._epoch = epoch
+            out.append(self._order[offset])
+        return out
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class RLTrainer:
+    def __init__(self, config: RLConfig, reward_stack=None):
+        self.config = c = config
+        if not c.output_dir:
+            c.output_dir = str(Path("runs") / c.algorithm)
+        # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes 2` then runs
+        # data-parallel on CPU over gloo instead of N unrelated single-process runs.
+        self.accelerator = Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps,
+                                       mixed_precision="bf16" if c.bf16 else "no",
+                                       cpu=not torch.cuda.is_available())
+        set_seed(c.seed, device_specific=True)
+        acc = self.accelerator
+        self.log_main(f"[repro-rl] {c.algorithm} on {acc.num_processes} process(es), "
+                      f"device {acc.device}, outputs -> {c.output_dir}")
+
+        # Model, tokenizer, reference, critic --------------------------------------------------
+        self.tokenizer = load_tokenizer(c.model_name_or_path)
+        # fp32 master weights; --bf16 runs forward passes under bf16 autocast (Accelerate).
+        policy = load_causal_lm(c.model_name_or_path, dtype=torch.float32)
+        policy.config.use_cache = True
+        if c.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.ref_model = None
+        if c.use_peft:
+            from peft import LoraConfig, get_peft_model
+
+            targets = c.lora_target_modules
+            lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                              target_modules=targets if targets == "all-linear" else targets.split(","),
+                              task_type="CAUSAL_LM")
+            if c.gradient_checkpointing:
+                policy.enable_input_require_grads()
+            policy = get_peft_model(policy, lora)
+        elif c.kl_coef > 0:
+            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
+        model = ActorCritic(policy) if c.algorithm == "ppo" else policy
+
+        # Optimiser and schedule -----------------------------------------------------------------
+        if c.algorithm == "ppo":
+            groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad],
+                       "lr": c.learning_rate},
+                      {"params": list(model.critic_backbone.parameters()) + list(model.value_head.parameters()),
+                       "lr": c.critic_learning_rate}]
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": c.learning_rate}]
+        optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, weight_decay=c.weight_decay,
+                                      betas=(c.adam_beta1, c.adam_beta2))
+        self.total_optimizer_steps = c.max_steps * c.num_iterations * c.steps_per_generation
+        # Stepped by hand once per optimizer step (not through accelerate.prepare, which would
+        # advance it once per process).
+        self.scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.warmup_steps,
+                                       num_training_steps=self.total_optimizer_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+
+        # Data, rewards, rollouts ----------------------------------------------------------------
+        self.train_records, self.eval_records = self._load_data()
+        self.sampler = PromptSampler(len(self.train_records), c.seed)
+        if reward_stack is None:
+            from rewards import RewardStack
+
+            weights = [float(w) for w in c.reward_weights.split(",")] if c.reward_weights else None
+            reward_stack = RewardStack(c.reward, weights)
+        self.rewards = reward_stack
+        self.engine = HFGenerateEngine(self.tokenizer, SamplingParams(
+            max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+            top_k=c.top_k, max_prompt_length=c.max_prompt_length, batch_size=c.generation_batch_size))
+        self.step = 0
+        self.prompts_consumed = 0
+        self.tracker = None
+        if acc.is_main_process:
+            self.tracker = RunTracker(c.output_dir, c.report_to, c.run_name or Path(c.output_dir).name,
+                                      c.wandb_project, dataclasses.asdict(c))
+
+    # ------------------------------------------------------------------------------------------
+    def log_main(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            print(text, flush=True)
+
+    def _load_data(self) -> tuple[list[dict], list[dict]]:
+        c = self.config
+        task = ArithmeticTask(c.arithmetic_digits, c.arithmetic_operands, c.arithmetic_operators)
+        if c.dataset == "arithmetic":
+            train = load_records("arithmetic", "train", c.num_train_samples, c.seed, arithmetic=task)
+            held_out = load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)
+            return train, held_out
+        records = load_records(c.dataset, c.dataset_split, None, c.seed,
+                               c.question_column, c.answer_column)
+        if len(records) <= c.num_eval_samples:
+            from algos.data import DataConfigError
+
+            raise DataConfigError(f"dataset '{c.dataset}' has {len(records)} records, not more than "
+                                  f"--num_eval_samples={c.num_eval_samples}")
+        held_out = records[len(records) - c.num_eval_samples:]
+        train = records[: len(records) - c.num_eval_samples][: c.num_train_samples]
+        return train, held_out
+
+    def prompt_text(self, question: str) -> str:
+        c = self.config
+        return build_prompt(self.tokenizer, question, c.prompt_template, c.system_prompt or None,
+                            c.use_chat_template)
+
+    @property
+    def policy(self):
+        """The unwrapped policy (for generation and saving)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return getattr(unwrapped, "policy", unwrapped) if isinstance(unwrapped, ActorCritic) else unwrapped
+
+    # One step ---------------------------------------------------------------------------------
+    def next_prompts(self) -> tuple[list[str], dict[str, list]]:
+        acc, c = self.accelerator, self.config
+        per_device = c.prompts_per_device
+        idx = self.sampler.indices(self.prompts_consumed, per_device * acc.num_processes)
+        self.prompts_consumed += per_device * acc.num_processes
+        mine = idx[acc.process_index * per_device:(acc.process_index + 1) * per_device]
+        records = [self.train_records[i] for i in mine]
+        extras = {k: [r.get(k) for r in records] for k in records[0]}
+        extras["dataset_index"] = mine
+        return [self.prompt_text(r["question"]) for r in records], extras
+
+    def rollout(self) -> RolloutBatch:
+        prompts, extras = self.next_prompts()
+        return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
+
+    def forward(self, model, batch: RolloutBatch, need_values: bool = False):
+        """Per-token log-probs of the response tokens (tempered logits), and values for PPO."""
+        c = self.config
+        input_ids, mask = batch.input_ids, batch.attention_mask
+        positions = position_ids_from_mask(mask)
+        keep = batch.response_ids.shape[1] + 1
+        values = None
+        if isinstance(self.accelerator.unwrap_model(model), ActorCritic):
+            logits, values = model(input_ids, mask, positions, keep)
+            values = values[:, :-1]
+        else:
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep, use_cache=False).logits
+        logits = logits[:, :-1].float() / c.temperature
+        return logprobs_from_logits(logits, batch.response_ids), values
+
+    @torch.no_grad()
+    def _batched_forward(self, model, batch: RolloutBatch, need_values=False):
+        size = self.config.per_device_train_batch_size
+        logps, values = [], []
+        for lo in range(0, len(batch), size):
+            lp, v = self.forward(model, batch.select(list(range(lo, min(lo + size, len(batch))))), need_values)
+            logps.append(lp)
+            values.append(v)
+        return torch.cat(logps), (torch.cat(values) if values[0] is not None else None)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._batched_forward(self.ref_model, batch)[0]
+        with self.policy.disable_adapter():  # LoRA: the base model is the reference
+            return self._batched_forward(self.model, batch)[0]
+
+    def compute_advantages(self, batch, token_rewards, values):
+        c, mask, groups = self.config, batch.response_mask, batch.group_ids
+        returns = None
+        if c.algorithm == "grpo":
+            a = adv.grpo(token_rewards, mask, groups, norm_by_std=c.scale_rewards == "group")
+        elif c.algorithm == "reinforce_pp":
+            a = adv.reinforce_pp(token_rewards, mask, c.gamma)
+        elif c.algorithm == "reinforce_pp_baseline":
+            a = adv.reinforce_pp_baseline(token_rewards, mask, groups)
+        else:
+            a, returns = adv.gae(token_rewards, values, mask, c.gamma, c.lam)
+        return a, returns
+
+    def training_step(self) -> dict:
+        c, acc = self.config, self.accelerator
+        t0 = time.perf_counter()
+        batch = self.rollout()
+        t_gen = time.perf_counter() - t0
+        mask = batch.response_mask.float()
+        lengths = mask.sum(dim=1)
+
+        t1 = time.perf_counter()
+        rewards = self.rewards(batch.prompts, batch.completions,
+                               [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)],
+                               **batch.extras)
+        scores = rewards.total.to(mask.device)
+        last = (lengths.long() - 1).clamp(min=0)
+        token_rewards = torch.zeros_like(mask)
+        token_rewards[torch.arange(len(batch)), last] = scores
+        t_reward = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
+        old_logp, old_values = None, None
+        if not reuse_rollout or c.algorithm == "ppo":
+            old_logp, old_values = self._batched_forward(self.model, batch, need_values=True)
+        ref_logp = self.reference_logprobs(batch) if c.kl_coef > 0 else None
+        kl_reward_mean = None
+        if ref_logp is not None and c.kl_in_reward:
+            behaviour = old_logp if old_logp is not None else batch.logprobs
+            kl = kl_estimate(behaviour, ref_logp, c.kl_kind) * mask
+            token_rewards = token_rewards - c.kl_coef * kl
+            kl_reward_mean = float(kl.sum() / mask.sum().clamp(min=1))
+        advantages, returns = self.compute_advantages(batch, token_rewards, old_values)
+        t_prep = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        update_stats = self.update(batch, advantages, old_logp, ref_logp, old_values, returns)
+        t_update = time.perf_counter() - t3
+
+        # Metrics (averaged over processes) ------------------------------------------------------
+        step_time = time.perf_counter() - t0
+        local = {
+            "reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else scores.new_zeros(()),
+            "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
+            "completion_length/clipped_ratio": torch.tensor(
+                sum(r == "length" for r in batch.finish_reasons) / len(batch)),
+            "entropy": (batch.entropies * mask).sum() / mask.sum().clamp(min=1),
+            "advantages/abs_mean": (advantages.abs() * mask).sum() / mask.sum().clamp(min=1),
+        }
+        for name, values in rewards.components.items():
+            local[f"rewards/{name}"] = torch.nanmean(values).nan_to_num(0.0)
+        if kl_reward_mean is not None:
+            local["kl"] = torch.tensor(kl_reward_mean)
+        local.update(update_stats)
+        metrics = {k: float(v) for k, v in zip(
+            local, acc.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).to(acc.device)
+                                           for v in local.values()]), reduction="mean"))}
+        if "rewards/accuracy" in metrics:
+            metrics["accuracy"] = metrics["rewards/accuracy"]
+        gen_tokens = float(acc.reduce(lengths.sum().to(acc.device), reduction="sum"))
+        train_tokens = float(acc.reduce(batch.attention_mask.sum().to(acc.device).float(),
+                                        reduction="sum")) * c.num_iterations
+        metrics.update({
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "time/step_seconds": step_time, "time/generation_seconds": t_gen,
+            "time/reward_seconds": t_reward, "time/logprob_seconds": t_prep,
+            "time/update_seconds": t_update,
+            "throughput/generation_tokens_per_second": gen_tokens / max(t_gen, 1e-9),
+            "throughput/training_tokens_per_second": train_tokens / max(t_update, 1e-9),
+            "throughput/tokens_per_second": (gen_tokens + train_tokens / c.num_iterations) / step_time,
+        })
+        self._last_batch, self._last_rewards = batch, rewards
+        return metrics
+
+    def update(self, batch, advantages, old_logp, ref_logp, old_values, returns) -> dict:
+        """num_iterations x steps_per_generation optimizer steps over the rollout batch."""
+        c, acc = self.config, self.accelerator
+        n = len(batch)
+        mini_size = n // c.steps_per_generation
+        micro = c.per_device_train_batch_size
+        sums: dict[str, float] = {}
+        counts = 0
+        self.model.train()
+        for _ in range(c.num_iterations):
+            order = torch.randperm(n).tolist() if c.steps_per_generation > 1 else list(range(n))
+            for lo in range(0, n, mini_size):
+                mini = order[lo:lo + mini_size]
+                mini_mask = batch.response_mask[mini]
+                mini_tokens, mini_seqs = float(mini_mask.sum()), len(mini)
+                for mlo in range(0, len(mini), micro):
+                    rows = mini[mlo:mlo + micro]
+                    with acc.accumulate(self.model):
+                        stats = self._micro_step(batch.select(rows), rows, advantages, old_logp, ref_logp,
+                                                 old_values, returns, mini_tokens, mini_seqs)
+                        if acc.sync_gradients:
+                            grad_norm = acc.clip_grad_norm_(self.model.parameters(),
+                                                            c.max_grad_norm or float("inf"))
+                            stats["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    counts += 1
+        out = {k: v / counts for k, v in sums.items() if k != "grad_norm"}
+        if "grad_norm" in sums:
+            out["grad_norm"] = sums["grad_norm"] / (c.num_iterations * c.steps_per_generation)
+        return out
+
+    def _micro_step(self, micro: RolloutBatch, rows, advantages, old_logp, ref_logp, old_values,
+                    returns, mini_tokens, mini_seqs) -> dict:
+        c, acc = self.config, self.accelerator
+        mask = micro.response_mask.float()
+        logp, values = self.forward(self.model, micro, need_values=True)
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        pg_loss, pg_stats = policy_loss(
+            logp, old, advantages[rows], mask, epsilon_low=c.epsilon,
+            epsilon_high=c.epsilon_high or None, dual_clip=c.dual_clip or None,
+            agg_mode=c.agg_mode, max_len=c.max_completion_length)
+        loss = pg_loss
+        stats = {"loss/policy": pg_loss.item(), "clip_fraction": float(pg_stats["clipfrac"]),
+                 "approx_kl": float(pg_stats["approx_kl"])}
+        if ref_logp is not None and not c.kl_in_reward:
+            kl = kl_estimate(logp, ref_logp[rows], c.kl_kind)
+            kl_loss = aggregate(kl, mask, c.agg_mode, max_len=c.max_completion_length)
+            loss = loss + c.kl_coef * kl_loss
+            stats["kl"] = kl_loss.item()
+        if values is not None and returns is not None:
+            vf_loss, vf_stats = value_loss(values, old_values[rows], returns[rows], mask,
+                                           c.cliprange_value, c.agg_mode, c.max_completion_length)
+            loss = loss + c.vf_coef * vf_loss
+            stats.update({"loss/value": vf_loss.item(), "value_clip_fraction": float(vf_stats["vf_clipfrac"])})
+        # Weight the micro-batch so the accumulated gradient equals the mini-batch aggregate
+        # (accelerator.backward divides by gradient_accumulation_steps).
+        share = (float(mask.sum()) / max(mini_tokens, 1.0) if c.agg_mode == "token-mean"
+                 else len(rows) / mini_seqs)
+        acc.backward(loss * share * c.gradient_accumulation_steps)
+        return stats
+
+    # The loop ---------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        result = evaluate_accuracy(self.policy, self.engine, self.eval_records, self.prompt_text,
+                                   self.accelerator, batch_size=self.config.eval_batch_size)
+        return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"]}
+
+    def weight_checksums(self) -> list[float]:
+        """Sum of all weights on each process: equal values mean the replicas did not diverge."""
+        with torch.no_grad():
+            local = sum(p.detach().double().sum() for p in self.model.parameters())
+        return self.accelerator.gather(local.reshape(1).to(self.accelerator.device)).tolist()
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "prompts_consumed": self.prompts_consumed,
+                "num_processes": self.accelerator.num_processes,
+                "rank_weight_checksums": self.weight_checksums(),
+                "config": dataclasses.asdict(self.config)}
+
+    def save(self, name: str | None = None) -> Path:
+        c = self.config
+        return save_checkpoint(self.accelerator, self.model, self.tokenizer, c.output_dir, self.step,
+                               self.trainer_state(), c.save_total_limit, name=name)
+
+    def resume(self) -> None:
+        c = self.config
+        checkpoint = resolve_resume(c.output_dir, c.resume_from_checkpoint)
+        if checkpoint is None:
+            if c.resume_from_checkpoint:
+                self.log_main(f"[repro-rl] no checkpoint in {c.output_dir}: starting from step 0")
+            return
+        self.accelerator.load_state(str(checkpoint / "trainer_state"))
+        state = load_trainer_state(checkpoint)
+        self.step, self.prompts_consumed = state["step"], state["prompts_consumed"]
+        self.log_main(f"[repro-rl] resumed from {checkpoint} at step {self.step}")
+
+    def log_samples(self, step: int) -> None:
+        batch, rewards = self._last_batch, self._last_rewards
+        rows = []
+        for i in range(min(self.config.num_completions_to_print, len(batch))):
+            rows.append({"prompt": batch.prompts[i][-200:], "completion": batch.completions[i],
+                         "answer": str(batch.extras.get("answer", [""] * len(batch))[i]),
+                         "reward": float(rewards.total[i])})
+        self.tracker.log_samples(rows, step)
+
+    def train(self) -> dict:
+        c, acc = self.config, self.accelerator
+        self.resume()
+        summary = {}
+        if c.eval_on_start and self.step == 0:
+            summary["eval_start"] = self.evaluate()
+            self.log_main(f"[repro-rl] held-out accuracy before training: "
+                          f"{summary['eval_start']['eval/accuracy']:.3f} on {len(self.eval_records)} problems")
+            if self.tracker:
+                self.tracker.log(summary["eval_start"], step=0)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{c.algorithm}", unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        metrics = {}
+        while self.step < c.max_steps:
+            metrics = self.training_step()
+            self.step += 1
+            if c.eval_steps and self.step % c.eval_steps == 0 and self.step < c.max_steps:
+                metrics.update(self.evaluate())
+            if self.tracker and (self.step % c.logging_steps == 0 or self.step == c.max_steps):
+                self.tracker.log(metrics, step=self.step)
+            if self.tracker and c.log_completions_steps and self.step % c.log_completions_steps == 0:
+                self.log_samples(self.step)
+            bar.update(1)
+            bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
+                             "len": f"{metrics['completion_length/mean']:.0f}",
+                             "s/step": f"{metrics['time/step_seconds']:.1f}"})
+            if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps:
+                self.save()
+        bar.close()
+        final = self.save(name="final")
+        summary["last_metrics"] = metrics
+        if self.eval_records and c.num_eval_samples:
+            summary["eval_end"] = self.evaluate()
+            self.log_main(f"[repro-rl] held-out accuracy after training: "
+                          f"{summary['eval_end']['eval/accuracy']:.3f} on {len(self.eval_records)} problems")
+            if self.tracker:
+                self.tracker.log(summary["eval_end"], step=self.step)
+        if self.tracker:
+            self.tracker.close()
+        self.log_main(f"[repro-rl] done: final model in {final}; metrics in "
+                      f"{Path(c.output_dir) / 'metrics.jsonl'}")
+        return summary

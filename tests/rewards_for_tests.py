@@ -1,0 +1,23 @@
+"""TRL-style reward functions used by the trainer tests (loaded by 'path:function' specs)."""
+import json
+import os
+
+
+def digit_count(prompts, completions, **kwargs):
+    """Fraction of characters that are digits: varies across random completions."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def length_reward(prompts, completions, **kwargs):
+    """Longer completions score higher (a signal any random model produces)."""
+    return [len(c) / 100.0 for c in completions]
+
+
+def record_rank(prompts, completions, dataset_index=None, **kwargs):
+    """Records which dataset rows this process saw (for the 2-process test), scores length."""
+    out_dir = os.environ.get("REPRO_TEST_RECORD_DIR")
+    if out_dir:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        with open(os.path.join(out_dir, f"rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(sorted(set(dataset_index or []))) + "\n")
+    return length_reward(prompts, completions)
