@@ -59,7 +59,18 @@ class RLConfig:
     # --- rewards -------------------------------------------------------------------------------
     reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, repro) "
                      "or module:function / file.py:function with the TRL signature.")
-    reward_weights: str = _f("", "Comma-separated weights, one per reward (default all 1.0).")
+    reward_weights: str = _f("", "Comma-separated weights, one per outcome reward (REPRO excluded; "
+                             "its weight is --repro_alpha). Default all 1.0.")
+    # --- REPRO process reward (--reward repro, or add ',repro' to other rewards) --------------
+    repro_alpha: float = _f(0.1, "REPRO: weight alpha of the process advantage, A = A_outcome + alpha * A~.")
+    repro_top_k: int = _f(20, "REPRO: segment starts scored per rollout (highest policy entropy first).")
+    repro_stability_weight: float = _f(0.1, "REPRO: w in S = (1 - w) * magnitude + w * stability.")
+    repro_ema: float = _f(0.0, "REPRO: EMA factor smoothing J before Kendall tau (0: off).")
+    repro_answer_template: str = _f("\\boxed{{{answer}}}", "REPRO: how the ground-truth answer is "
+                                    "written after each prefix ({answer} is replaced).")
+    repro_think_end_marker: str = _f("</think>", "REPRO: end-of-thinking marker; without it the whole "
+                                     "response is scored.")
+    repro_micro_batch_size: int = _f(8, "REPRO: rollouts per packed scoring forward pass.")
     # --- generation ----------------------------------------------------------------------------
     num_generations: int = _f(8, "Completions sampled per prompt (group size G).")
     max_prompt_length: int = _f(256, "Prompts longer than this (tokens) are truncated from the left.")
@@ -140,6 +151,19 @@ class RLConfig:
         return self.kl_estimator or ("k1" if self.kl_in_reward else "k3")
 
     @property
+    def reward_names(self) -> list[str]:
+        return [r.strip() for r in self.reward.split(",") if r.strip()]
+
+    @property
+    def use_repro(self) -> bool:
+        return "repro" in self.reward_names
+
+    @property
+    def outcome_rewards(self) -> list[str]:
+        """The sequence-level rewards; '--reward repro' alone means accuracy + REPRO."""
+        return [r for r in self.reward_names if r != "repro"] or ["accuracy"]
+
+    @property
     def agg_mode(self) -> str:
         return LOSS_TYPES[self.loss_type]
 
@@ -192,8 +216,19 @@ class RLConfig:
                 weights = [float(w) for w in self.reward_weights.split(",")]
             except ValueError:
                 bad("reward_weights", "must be comma-separated numbers")
-            if len(weights) != len(self.reward.split(",")):
-                bad("reward_weights", f"gives {len(weights)} weights for {len(self.reward.split(','))} rewards")
+            if len(weights) != len(self.outcome_rewards):
+                bad("reward_weights", f"gives {len(weights)} weights for {len(self.outcome_rewards)} "
+                    f"outcome rewards ({', '.join(self.outcome_rewards)})")
+        if self.repro_top_k < 0:
+            bad("repro_top_k", "must be >= 0")
+        if not 0 <= self.repro_stability_weight <= 1:
+            bad("repro_stability_weight", "must be in [0, 1]")
+        if not 0 <= self.repro_ema < 1:
+            bad("repro_ema", "must be in [0, 1)")
+        if self.repro_micro_batch_size < 1:
+            bad("repro_micro_batch_size", "must be >= 1")
+        if "{answer}" not in self.repro_answer_template:
+            bad("repro_answer_template", "must contain {answer}")
         if self.use_peft and self.lora_r < 1:
             bad("lora_r", "must be >= 1")
         if self.algorithm == "ppo" and self.use_peft:

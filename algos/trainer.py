@@ -122,8 +122,17 @@ class RLTrainer:
             from rewards import RewardStack
 
             weights = [float(w) for w in c.reward_weights.split(",")] if c.reward_weights else None
-            reward_stack = RewardStack(c.reward, weights)
+            reward_stack = RewardStack(c.outcome_rewards, weights)
         self.rewards = reward_stack
+        self.repro = None
+        if c.use_repro:
+            from rewards.repro import ReproConfig, ReproReward
+
+            self.repro = ReproReward(ReproConfig(
+                top_k=c.repro_top_k, stability_weight=c.repro_stability_weight,
+                ema=c.repro_ema or None, answer_template=c.repro_answer_template,
+                think_end_marker=c.repro_think_end_marker or None,
+                micro_batch_size=c.repro_micro_batch_size))
         self.engine = HFGenerateEngine(self.tokenizer, SamplingParams(
             max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
             top_k=c.top_k, max_prompt_length=c.max_prompt_length, batch_size=c.generation_batch_size))
@@ -230,6 +239,24 @@ class RLTrainer:
             a, returns = adv.gae(token_rewards, values, mask, c.gamma, c.lam)
         return a, returns
 
+    def repro_process_term(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """REPRO's term, scored with the current policy: for PPO the group-normalised process
+        rewards (GAE accumulates them), otherwise their normalised return-to-go Ã."""
+        from algos.process_advantages import ALGO_TO_MODE, normalize_process_rewards, repro_advantage
+
+        c = self.config
+        out = self.repro(self.policy, self.tokenizer, batch, [str(a) for a in batch.extras["answer"]])
+        mode = ALGO_TO_MODE[c.algorithm]
+        rewards = out.token_rewards.to(batch.response_mask.device)
+        reward_mask = out.reward_mask.to(rewards.device)
+        if c.algorithm == "ppo":
+            term = normalize_process_rewards(rewards, reward_mask, batch.group_ids, mode)
+            term = term * reward_mask
+        else:
+            term = repro_advantage(rewards, reward_mask, batch.response_mask, batch.group_ids, mode)
+        stats = {f"repro/{k}": v for k, v in out.stats.items()}
+        return term, stats
+
     def training_step(self) -> dict:
         c, acc = self.config, self.accelerator
         t0 = time.perf_counter()
@@ -260,7 +287,14 @@ class RLTrainer:
             kl = kl_estimate(behaviour, ref_logp, c.kl_kind) * mask
             token_rewards = token_rewards - c.kl_coef * kl
             kl_reward_mean = float(kl.sum() / mask.sum().clamp(min=1))
+        repro_stats, process = {}, None
+        if self.repro is not None:
+            process, repro_stats = self.repro_process_term(batch)
+            if c.algorithm == "ppo":  # group-normalised process rewards join the rewards GAE sees
+                token_rewards = token_rewards + c.repro_alpha * process
         advantages, returns = self.compute_advantages(batch, token_rewards, old_values)
+        if process is not None and c.algorithm != "ppo":
+            advantages = advantages + c.repro_alpha * process
         t_prep = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -282,6 +316,7 @@ class RLTrainer:
         if kl_reward_mean is not None:
             local["kl"] = torch.tensor(kl_reward_mean)
         local.update(update_stats)
+        local.update({k: torch.tensor(float(v)) for k, v in repro_stats.items()})
         metrics = {k: float(v) for k, v in zip(
             local, acc.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).to(acc.device)
                                            for v in local.values()]), reduction="mean"))}

@@ -115,3 +115,33 @@ def test_prompt_sampler_is_a_permutation_per_epoch():
     first, second = sampler.indices(0, 5), sampler.indices(5, 5)
     assert sorted(first) == sorted(second) == list(range(5))
     assert PromptSampler(5, seed=1).indices(3, 4) == first[3:] + second[:2]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_repro_reward_in_every_algorithm(tiny_model_path, tmp_path, algorithm):
+    config = make_config(tiny_model_path, tmp_path, algorithm=algorithm, max_completion_length=16,
+                         reward=f"{REWARDS}:length_reward,repro", repro_top_k=3)
+    assert config.outcome_rewards == [f"{REWARDS}:length_reward"] and config.use_repro
+    RLTrainer(config).train()
+    steps = [m for m in read_metrics(tmp_path) if "loss/policy" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert m["repro/points_mean"] >= 1 and math.isfinite(m["repro/score_final_mean"])
+        assert 0 < m["repro/magnitude_mean"] <= 1 or m["repro/points_mean"] == 1
+
+
+def test_repro_with_alpha_zero_changes_nothing(tiny_model_path, tmp_path):
+    """REPRO scoring is side-effect free: alpha = 0 trains exactly like the outcome reward alone."""
+    plain = make_config(tiny_model_path, tmp_path / "plain", max_steps=1, max_completion_length=16)
+    zero = make_config(tiny_model_path, tmp_path / "zero", max_steps=1, max_completion_length=16,
+                       reward=f"{REWARDS}:length_reward,repro", repro_alpha=0.0)
+    RLTrainer(plain).train()
+    RLTrainer(zero).train()
+    a, b = weights(tmp_path / "plain" / "final"), weights(tmp_path / "zero" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    with_repro = make_config(tiny_model_path, tmp_path / "on", max_steps=1, max_completion_length=16,
+                             reward=f"{REWARDS}:length_reward,repro", repro_alpha=1.0)
+    RLTrainer(with_repro).train()
+    c = weights(tmp_path / "on" / "final")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
