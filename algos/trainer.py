@@ -75,6 +75,25 @@ class RLTrainer:
         self.log_main(f"[repro-rl] {c.algorithm} on {acc.num_processes} process(es), "
                       f"device {acc.device}, outputs -> {c.output_dir}")
 
+        # Data and rewards first: a bad dataset or reward spec fails before the model loads.
+        self.train_records, self.eval_records = self._load_data()
+        self.sampler = PromptSampler(len(self.train_records), c.seed)
+        if reward_stack is None:
+            from rewards import RewardStack
+
+            weights = [float(w) for w in c.reward_weights.split(",")] if c.reward_weights else None
+            reward_stack = RewardStack(c.outcome_rewards, weights)
+        self.rewards = reward_stack
+        self.repro = None
+        if c.use_repro:
+            from rewards.repro import ReproConfig, ReproReward
+
+            self.repro = ReproReward(ReproConfig(
+                top_k=c.repro_top_k, stability_weight=c.repro_stability_weight,
+                ema=c.repro_ema or None, answer_template=c.repro_answer_template,
+                think_end_marker=c.repro_think_end_marker or None,
+                micro_batch_size=c.repro_micro_batch_size))
+
         # Model, tokenizer, reference, critic --------------------------------------------------
         self.tokenizer = load_tokenizer(c.model_name_or_path)
         # fp32 master weights; --bf16 runs forward passes under bf16 autocast (Accelerate).
@@ -115,24 +134,6 @@ class RLTrainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
-        # Data, rewards, rollouts ----------------------------------------------------------------
-        self.train_records, self.eval_records = self._load_data()
-        self.sampler = PromptSampler(len(self.train_records), c.seed)
-        if reward_stack is None:
-            from rewards import RewardStack
-
-            weights = [float(w) for w in c.reward_weights.split(",")] if c.reward_weights else None
-            reward_stack = RewardStack(c.outcome_rewards, weights)
-        self.rewards = reward_stack
-        self.repro = None
-        if c.use_repro:
-            from rewards.repro import ReproConfig, ReproReward
-
-            self.repro = ReproReward(ReproConfig(
-                top_k=c.repro_top_k, stability_weight=c.repro_stability_weight,
-                ema=c.repro_ema or None, answer_template=c.repro_answer_template,
-                think_end_marker=c.repro_think_end_marker or None,
-                micro_batch_size=c.repro_micro_batch_size))
         self.engine = HFGenerateEngine(self.tokenizer, SamplingParams(
             max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
             top_k=c.top_k, max_prompt_length=c.max_prompt_length, batch_size=c.generation_batch_size))
