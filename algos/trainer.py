@@ -176,7 +176,7 @@ class RLTrainer:
     def policy(self):
         """The unwrapped policy (for generation and saving)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        return getattr(unwrapped, "policy", unwrapped) if isinstance(unwrapped, ActorCritic) else unwrapped
+        return unwrapped.policy if isinstance(unwrapped, ActorCritic) else unwrapped
 
     # One step ---------------------------------------------------------------------------------
     def next_prompts(self) -> tuple[list[str], dict[str, list]]:
@@ -194,7 +194,7 @@ class RLTrainer:
         prompts, extras = self.next_prompts()
         return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
 
-    def forward(self, model, batch: RolloutBatch, need_values: bool = False):
+    def forward(self, model, batch: RolloutBatch):
         """Per-token log-probs of the response tokens (tempered logits), and values for PPO."""
         c = self.config
         input_ids, mask = batch.input_ids, batch.attention_mask
@@ -211,11 +211,11 @@ class RLTrainer:
         return logprobs_from_logits(logits, batch.response_ids), values
 
     @torch.no_grad()
-    def _batched_forward(self, model, batch: RolloutBatch, need_values=False):
+    def _batched_forward(self, model, batch: RolloutBatch):
         size = self.config.per_device_train_batch_size
         logps, values = [], []
         for lo in range(0, len(batch), size):
-            lp, v = self.forward(model, batch.select(list(range(lo, min(lo + size, len(batch))))), need_values)
+            lp, v = self.forward(model, batch.select(list(range(lo, min(lo + size, len(batch))))))
             logps.append(lp)
             values.append(v)
         return torch.cat(logps), (torch.cat(values) if values[0] is not None else None)
@@ -280,7 +280,7 @@ class RLTrainer:
         reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
         old_logp, old_values = None, None
         if not reuse_rollout or c.algorithm == "ppo":
-            old_logp, old_values = self._batched_forward(self.model, batch, need_values=True)
+            old_logp, old_values = self._batched_forward(self.model, batch)
         ref_logp = self.reference_logprobs(batch) if c.kl_coef > 0 else None
         kl_reward_mean = None
         if ref_logp is not None and c.kl_in_reward:
@@ -378,7 +378,7 @@ class RLTrainer:
                     returns, mini_tokens, mini_seqs) -> dict:
         c, acc = self.config, self.accelerator
         mask = micro.response_mask.float()
-        logp, values = self.forward(self.model, micro, need_values=True)
+        logp, values = self.forward(self.model, micro)
         old = old_logp[rows] if old_logp is not None else logp.detach()
         pg_loss, pg_stats = policy_loss(
             logp, old, advantages[rows], mask, epsilon_low=c.epsilon,

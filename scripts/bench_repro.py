@@ -21,11 +21,12 @@ exit code is 0 either way.
 Sampled responses of a small model may hold fewer than ``top_k`` line breaks, in which case fewer
 points are scored than k + 2; the table says so and gives the real number. ``--synthetic_lines N``
 instead builds every response from GSM8K solution lines (calculator annotations removed), cycled
-and joined with newlines to N lines, so that top_k = 20 is really exercised; entropies for point
+and joined with newlines to N lines (not cut at --max_new_tokens), so that top_k = 20 is really
+exercised (N = 24 gives 24 candidates, ~400 response tokens); entropies for point
 selection then come from one (untimed) teacher-forced pass of the policy.
 
 Example:  python scripts/bench_repro.py                     # sampled rollouts
-          python scripts/bench_repro.py --synthetic_lines 30
+          python scripts/bench_repro.py --synthetic_lines 24
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from algos.rollout import HFGenerateEngine, SamplingParams, response_mask_from_ids  # noqa: E402
 from rewards.repro import ReproReward, _eval_mode  # noqa: E402
 from rewards.repro_packing import answer_logprob_separate  # noqa: E402
+from rewards.repro_scoring import line_break_flags  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--ref_repeats", type=int, default=1,
                    help="timed repeats of the (slow) reference (c); median reported")
     p.add_argument("--synthetic_lines", type=int, default=0,
-                   help="if > 0, build each response from GSM8K solution lines joined with newlines "
-                        "(this many lines, cut at --max_new_tokens) instead of sampling")
+                   help="if > 0, build each response from this many GSM8K solution steps joined with "
+                        "newlines (not cut at --max_new_tokens) instead of sampling; 24 exercises top_k=20")
     p.add_argument("--attn_implementation", default="sdpa", help="attention kernel the model is loaded with")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--skip_reference", action="store_true", help="do not time (c)")
@@ -119,18 +121,21 @@ def sampled_batch(model, tokenizer, records, args) -> RolloutBatch:
 
 
 def _solution_lines(solution: str) -> list[str]:
+    """Steps of a GSM8K solution: its lines (calculator annotations and the '####' line removed),
+    each cut further after sentence/clause punctuation, so a step is a short line as in a CoT."""
     lines = []
     for line in solution.split("\n"):
         line = re.sub(r"<<[^>]*>>", "", line).strip()
         if line and not line.startswith("####"):
-            lines.append(line)
+            lines.extend(c for c in re.split(r"(?<=[.,;:?!])\s+", line) if c)
     return lines
 
 
 @torch.no_grad()
 def synthetic_batch(model, tokenizer, records, pool, args) -> RolloutBatch:
-    """Responses = GSM8K solution lines (this record's first, then the following records'),
-    cycled to ``--synthetic_lines`` lines, plus the boxed answer and EOS; cut at max_new_tokens."""
+    """Responses = GSM8K solution steps (this record's first, then the following records'),
+    ``--synthetic_lines`` of them joined with newlines, then the boxed answer and EOS. Not cut at
+    --max_new_tokens (SmolLM2 spells numbers digit by digit: 20+ lines take ~350 tokens)."""
     engine = HFGenerateEngine(tokenizer, SamplingParams(max_new_tokens=args.max_new_tokens,
                                                         temperature=args.temperature))
     device = next(model.parameters()).device
@@ -142,7 +147,7 @@ def synthetic_batch(model, tokenizer, records, pool, args) -> RolloutBatch:
             lines.extend(_solution_lines(pool[(i + j) % len(pool)]["solution"]))
             j += 1
         text = "\n".join(lines[: args.synthetic_lines]) + f"\nThe answer is \\boxed{{{rec['answer']}}}."
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_new_tokens - 1] + [eos]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
         for _ in range(args.num_generations):
             prompts.append(build_prompt(tokenizer, rec["question"]))
             answers.append(rec["answer"])
@@ -168,14 +173,13 @@ def synthetic_batch(model, tokenizer, records, pool, args) -> RolloutBatch:
             lps.append(logprobs_from_logits(logits, response_ids[sl]))
     finally:
         model.train(was_training)
-    n = len(prompts)
     return RolloutBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
         response_mask=response_mask, logprobs=torch.cat(lps) * response_mask,
         entropies=torch.cat(ents) * response_mask,
         group_ids=torch.arange(len(records), device=device).repeat_interleave(args.num_generations),
         prompts=prompts, completions=engine.decode(response_ids, response_mask), finish_reasons=reasons,
-        extras={"answer": answers[:n]})
+        extras={"answer": answers})
 
 
 # --------------------------------------------------------------------------- the timed work
@@ -255,7 +259,6 @@ def main(argv=None) -> int:
     prompt_len = batch.prompt_mask.sum(1).float()
     n_points = [len(p) for p in all_points]
     n_candidates = []  # line-break candidates per rollout (before top_k)
-    from rewards.repro_scoring import line_break_flags
     for req in requests:
         flags = line_break_flags(tokenizer, req.response_ids)
         n_candidates.append(sum(flags[: len(req.response_ids) - 1]))
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
     if short:
         print(f"NOTE: {len(short)}/{len(batch)} rollouts have fewer than top_k={args.top_k} line-break "
               f"candidates, so they are scored at fewer than k+2={target_points} points "
-              f"(actual points per rollout: {n_points}). Use --synthetic_lines 30 to exercise k={args.top_k}.")
+              f"(actual points per rollout: {n_points}). Use --synthetic_lines 24 to exercise k={args.top_k}.")
     return 0
 
 
