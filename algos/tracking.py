@@ -35,7 +35,7 @@ class RunTracker:
                 print("[repro-rl] no W&B API key found: logging to W&B in offline mode "
                       f"({self.dir / 'wandb'}; `wandb sync` uploads it later)", flush=True)
             self.wandb = wandb.init(project=project, name=run_name, config=config,
-                                    dir=str(self.dir), reinit=True)
+                                    dir=str(self.dir), reinit="finish_previous")
         elif report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
