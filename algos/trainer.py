@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +55,16 @@ class PromptSampler:
         return out
 
 
+def use_cpu_threads(num_processes: int) -> None:
+    """On CPU, give each process cores / processes threads. `accelerate launch` sets
+    OMP_NUM_THREADS=1, which leaves a single-process run on one core; REPRO_RL_NUM_THREADS
+    overrides the choice."""
+    wanted = os.environ.get("REPRO_RL_NUM_THREADS")
+    threads = int(wanted) if wanted else max(1, (os.cpu_count() or 1) // num_processes)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: cumsum(mask) - 1, clamped at 0."""
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -72,6 +82,8 @@ class RLTrainer:
                                        cpu=not torch.cuda.is_available())
         set_seed(c.seed, device_specific=True)
         acc = self.accelerator
+        if acc.device.type == "cpu":
+            use_cpu_threads(acc.num_processes)
         self.log_main(f"[repro-rl] {c.algorithm} on {acc.num_processes} process(es), "
                       f"device {acc.device}, outputs -> {c.output_dir}")
 

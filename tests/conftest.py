@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random Llama (with the default model's tokenizer) saved to disk."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

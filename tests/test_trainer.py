@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from algos.checkpoint import list_checkpoints, resolve_resume
 from algos.config import RLConfig
-from algos.trainer import PromptSampler, RLTrainer
+from algos.trainer import PromptSampler, RLTrainer, use_cpu_threads
 
 REWARDS = str(Path(__file__).parent / "rewards_for_tests.py")
 
@@ -145,3 +145,18 @@ def test_repro_with_alpha_zero_changes_nothing(tiny_model_path, tmp_path):
     RLTrainer(with_repro).train()
     c = weights(tmp_path / "on" / "final")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cpu_threads_follow_processes_unless_overridden(monkeypatch):
+    import os
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("REPRO_RL_NUM_THREADS", raising=False)
+        use_cpu_threads(1)
+        assert torch.get_num_threads() == os.cpu_count()
+        monkeypatch.setenv("REPRO_RL_NUM_THREADS", "1")
+        use_cpu_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
