@@ -90,6 +90,9 @@ class RLConfig:
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = _f(1e-6, "Policy learning rate (AdamW).")
     critic_learning_rate: float = _f(1e-5, "PPO critic learning rate.")
+    critic_backbone: str = _f("separate", "PPO critic: 'separate' (a copy of the policy's backbone, "
+                              "as verl/OpenRLHF) or 'shared' (a value head on the policy's backbone: "
+                              "half the compute).", choices=("separate", "shared"))
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")

@@ -126,14 +126,13 @@ class RLTrainer:
             policy = get_peft_model(policy, lora)
         elif c.kl_coef > 0:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
-        model = ActorCritic(policy) if c.algorithm == "ppo" else policy
+        model = ActorCritic(policy, c.critic_backbone == "shared") if c.algorithm == "ppo" else policy
 
         # Optimiser and schedule -----------------------------------------------------------------
         if c.algorithm == "ppo":
             groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad],
                        "lr": c.learning_rate},
-                      {"params": list(model.critic_backbone.parameters()) + list(model.value_head.parameters()),
-                       "lr": c.critic_learning_rate}]
+                      {"params": model.critic_parameters(), "lr": c.critic_learning_rate}]
         else:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": c.learning_rate}]
         optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, weight_decay=c.weight_decay,

@@ -1,4 +1,4 @@
-"""The PPO critic: a copy of the policy's backbone with a scalar value head."""
+"""The PPO critic: a scalar value head on the policy's backbone, shared or copied."""
 from __future__ import annotations
 
 import copy
@@ -8,22 +8,35 @@ from torch import nn
 
 class ActorCritic(nn.Module):
     """Policy and critic in one module, so one optimizer and one Accelerate/DeepSpeed engine
-    train both. The critic is initialised from the policy (backbone copy + zero value head)."""
+    train both. The value head starts at zero.
 
-    def __init__(self, policy: nn.Module):
+    ``shared_backbone=False`` (verl/OpenRLHF style): the critic is a copy of the policy's decoder,
+    trained separately (twice the compute and memory). ``True`` (TRL's classic value-head model):
+    the head reads the policy's last hidden states, so one forward pass gives logits and values
+    and the value loss also shapes the shared backbone."""
+
+    def __init__(self, policy: nn.Module, shared_backbone: bool = False):
         super().__init__()
         self.policy = policy
-        self.critic_backbone = copy.deepcopy(policy.get_decoder())
+        self.shared_backbone = shared_backbone
+        self.critic_backbone = None if shared_backbone else copy.deepcopy(policy.get_decoder())
         self.value_head = nn.Linear(policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        own = [] if self.critic_backbone is None else list(self.critic_backbone.parameters())
+        return own + list(self.value_head.parameters())
+
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
         """(policy logits of the last ``logits_to_keep`` positions, values at the same positions)."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, logits_to_keep=logits_to_keep,
-                             use_cache=False).logits
-        hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False).last_hidden_state
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, logits_to_keep=logits_to_keep,
+                          use_cache=False, output_hidden_states=self.shared_backbone)
+        if self.shared_backbone:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
         values = self.value_head(hidden[:, -logits_to_keep:]).squeeze(-1)
-        return logits, values.float()
+        return out.logits, values.float()

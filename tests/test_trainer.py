@@ -35,10 +35,12 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "reinforce_pp", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "ppo-shared", "reinforce_pp", "reinforce_pp_baseline"])
 def test_two_steps_of_each_algorithm(tiny_model_path, tmp_path, algorithm):
     before = weights(tiny_model_path)
-    RLTrainer(make_config(tiny_model_path, tmp_path, algorithm=algorithm)).train()
+    extra = {"critic_backbone": "shared"} if algorithm == "ppo-shared" else {}
+    algorithm = algorithm.split("-")[0]
+    RLTrainer(make_config(tiny_model_path, tmp_path, algorithm=algorithm, **extra)).train()
     steps = [m for m in read_metrics(tmp_path) if "loss/policy" in m]
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
@@ -46,6 +48,7 @@ def test_two_steps_of_each_algorithm(tiny_model_path, tmp_path, algorithm):
         assert m["completion_length/mean"] > 0 and "rewards/length_reward" in m
     if algorithm == "ppo":
         assert all("loss/value" in m for m in steps)
+        assert steps[1]["loss/value"] != steps[0]["loss/value"]
     if algorithm in ("ppo", "reinforce_pp", "reinforce_pp_baseline"):  # default beta > 0
         assert all("kl" in m for m in steps)
     after = weights(tmp_path / "final")
