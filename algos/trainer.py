@@ -165,7 +165,8 @@ class RLTrainer:
         task = ArithmeticTask(c.arithmetic_digits, c.arithmetic_operands, c.arithmetic_operators)
         if c.dataset == "arithmetic":
             train = load_records("arithmetic", "train", c.num_train_samples, c.seed, arithmetic=task)
-            held_out = load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)
+            held_out = (load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)
+                        if c.num_eval_samples else [])
             return train, held_out
         records = load_records(c.dataset, c.dataset_split, None, c.seed,
                                c.question_column, c.answer_column)
