@@ -58,7 +58,8 @@ def test_two_process_data_parallel_run(tiny_model_path, tmp_path):
     record = tmp_path / "record"
     record.mkdir()
     out = tmp_path / "run"
-    result = run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launcher = Path(sys.executable).parent / "accelerate"  # the venv's, even when it is not activated
+    result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py",
                   "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
                   "--max_steps", "3", "--num_generations", "4", "--per_device_train_batch_size", "8",
