@@ -54,8 +54,10 @@ class ArithmeticTask:
         return {"question": f"What is {expression}?", "answer": str(value), "expression": expression}
 
     def generate(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
-        """``n`` problems; the test split draws from another stream and excludes nothing,
-        the train split skips any expression of the first 1000 test problems."""
+        """``n`` problems; the test split draws from another stream, the train split skips any
+        expression of the first 1000 test problems. Caveat: when the whole problem space is small
+        (fewer than 2000 distinct expressions, e.g. one-digit operands: 100), that exclusion is
+        dropped and train and test problems overlap; use digits >= 2 for a disjoint held-out set."""
         if split not in ("train", "test"):
             raise DataConfigError(f"arithmetic split must be 'train' or 'test', got '{split}'")
         if split == "test":
