@@ -64,7 +64,8 @@ class BehaviourStats(LogitsProcessor):
             self.logprobs.append(self._previous.gather(1, tokens[:, None]).squeeze(1))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._take_previous(input_ids[:, -1]) if self.entropies else None
+        if self.entropies:  # input_ids now ends with the token sampled at the previous step
+            self._take_previous(input_ids[:, -1])
         scaled = scores.float() / self.temperature
         logp = torch.log_softmax(scaled, dim=-1)
         self.entropies.append(-(logp.exp() * logp).nansum(dim=-1))
