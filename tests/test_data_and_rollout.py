@@ -27,6 +27,14 @@ def test_arithmetic_is_seeded_and_test_split_is_held_out():
         ArithmeticTask(operators="/")
 
 
+def test_tiny_arithmetic_space_keeps_test_problems_out_of_training():
+    task = ArithmeticTask(digits=1, num_operands=2)  # 100 problems in all
+    test = [p["expression"] for p in task.generate(200, seed=0, split="test")]
+    train = {p["expression"] for p in task.generate(5000, seed=0)}
+    assert len(test) == len(set(test)) and 20 <= len(test) <= 40  # distinct, about 30% of 100
+    assert not set(test) & train and len(train) + len(test) == 100
+
+
 def test_shipped_gsm8k():
     records = load_gsm8k()
     assert len(records) == 7473
