@@ -79,6 +79,20 @@ class RLConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling (0: off).")
     generation_batch_size: int = _f(0, "Sequences per generate call (0: the whole rollout batch).")
+    rollout: str = _f("hf", "Rollout engine: 'hf' (num_generations samples per prompt with HF generate) or "
+                      "'eager' (EAGER entropy-aware branching: a variable number of completions per prompt, "
+                      "at most num_generations before reallocation; grpo and reinforce_pp_baseline only).",
+                      choices=("hf", "eager"))
+    eager_mode: str = _f("full", "EAGER: 'init' (branching only), 'adapt' (spare budget to prompts that hit "
+                         "the cap) or 'full' (spare budget to groups with no correct completion; the reward "
+                         "stack is the verifier).", choices=("init", "adapt", "full"))
+    eager_threshold: float = _f(2.0, "EAGER: branch when the top-K renormalised entropy (nats) exceeds this.")
+    eager_entropy_top_k: int = _f(20, "EAGER: K of the top-K entropy.")
+    eager_quiet_steps: int = _f(1000, "EAGER: stop branching a prompt after this many steps without a branch.")
+    eager_dynamic_threshold: bool = _f(False, "EAGER: threshold = max(theta, 99th percentile of the "
+                                       "prompt's entropies so far).")
+    eager_sample_fork: bool = _f(False, "EAGER: draw both fork tokens from the policy without replacement "
+                                 "(default: parent top-1, child top-2).")
     # --- batch sizes ---------------------------------------------------------------------------
     per_device_train_batch_size: int = _f(8, "Completions per forward/backward micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
@@ -212,6 +226,10 @@ class RLConfig:
                 "gradient_accumulation_steps x steps_per_generation)")
         if self.algorithm in ("grpo", "reinforce_pp_baseline") and self.num_generations < 2:
             bad("num_generations", f"{self.algorithm} compares completions of one prompt: use >= 2")
+        if self.rollout == "eager" and self.algorithm not in ("grpo", "reinforce_pp_baseline"):
+            bad("rollout", "EAGER groups have variable sizes; use it with grpo or reinforce_pp_baseline")
+        if self.rollout == "eager" and self.eager_entropy_top_k < 2:
+            bad("eager_entropy_top_k", "must be >= 2")
         if not self.reward.strip():
             bad("reward", "name at least one reward")
         if self.reward_weights:

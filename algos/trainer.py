@@ -35,6 +35,13 @@ from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
 
 
+def micro_batches(rows: list[int], count: int) -> list[list[int]]:
+    """``rows`` in ``count`` consecutive micro-batches (sizes differ by at most one; any empty
+    ones first, so the last micro-batch, where gradients synchronise, always has rows)."""
+    parts = [part.tolist() for part in torch.tensor_split(torch.tensor(rows, dtype=torch.long), count)]
+    return sorted(parts, key=len)
+
+
 class PromptSampler:
     """Deterministic, resumable prompt order: epoch e is a seeded permutation of the records;
     the position is a single counter of prompts handed out (over all processes)."""
@@ -145,9 +152,11 @@ class RLTrainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
-        self.engine = HFGenerateEngine(self.tokenizer, SamplingParams(
-            max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-            top_k=c.top_k, max_prompt_length=c.max_prompt_length, batch_size=c.generation_batch_size))
+        sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
+                                  top_p=c.top_p, top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  batch_size=c.generation_batch_size)
+        self.eval_engine = HFGenerateEngine(self.tokenizer, sampling)
+        self.engine = self.eval_engine if c.rollout == "hf" else self._eager_engine(sampling)
         self.step = 0
         self.prompts_consumed = 0
         self.tracker = None
@@ -159,6 +168,24 @@ class RLTrainer:
     def log_main(self, text: str) -> None:
         if self.accelerator.is_main_process:
             print(text, flush=True)
+
+    def _eager_engine(self, sampling: SamplingParams):
+        from algos.eager_engine import EagerEngine, EagerSettings
+
+        c = self.config
+        settings = EagerSettings(mode=c.eager_mode, threshold=c.eager_threshold,
+                                 entropy_top_k=c.eager_entropy_top_k, quiet_steps=c.eager_quiet_steps,
+                                 dynamic_threshold=c.eager_dynamic_threshold, sample_fork=c.eager_sample_fork)
+        return EagerEngine(self.tokenizer, sampling, settings, verifier=self._verify_group)
+
+    def _verify_group(self, prompt: str, completions: list[str], completion_ids: list[list[int]],
+                      extras: dict) -> list[bool]:
+        """Full EAGER's verifier: a completion is correct when its 'accuracy' reward (or, without
+        one, its total reward) is > 0."""
+        n = len(completions)
+        out = self.rewards([prompt] * n, completions, completion_ids, **{k: [v] * n for k, v in extras.items()})
+        scores = out.components.get("accuracy", out.total)
+        return [bool(x > 0) for x in scores.tolist()]
 
     def _load_data(self) -> tuple[list[dict], list[dict]]:
         c = self.config
@@ -323,6 +350,8 @@ class RLTrainer:
                 sum(r == "length" for r in batch.finish_reasons) / len(batch)),
             "entropy": (batch.entropies * mask).sum() / mask.sum().clamp(min=1),
             "advantages/abs_mean": (advantages.abs() * mask).sum() / mask.sum().clamp(min=1),
+            "rollout/sequences_per_prompt": torch.tensor(len(batch) / len(set(batch.group_ids.tolist()))),
+            "rollout/generated_tokens": lengths.sum(),
         }
         for name, values in rewards.components.items():
             local[f"rewards/{name}"] = torch.nanmean(values).nan_to_num(0.0)
@@ -354,22 +383,22 @@ class RLTrainer:
         """num_iterations x steps_per_generation optimizer steps over the rollout batch."""
         c, acc = self.config, self.accelerator
         n = len(batch)
-        mini_size = n // c.steps_per_generation
-        micro = c.per_device_train_batch_size
         sums: dict[str, float] = {}
         counts = 0
         self.model.train()
         for _ in range(c.num_iterations):
-            order = torch.randperm(n).tolist() if c.steps_per_generation > 1 else list(range(n))
-            for lo in range(0, n, mini_size):
-                mini = order[lo:lo + mini_size]
+            order = torch.randperm(n) if c.steps_per_generation > 1 else torch.arange(n)
+            for mini in torch.tensor_split(order, c.steps_per_generation):
+                mini = mini.tolist()
                 mini_mask = batch.response_mask[mini]
                 mini_tokens, mini_seqs = float(mini_mask.sum()), len(mini)
-                for mlo in range(0, len(mini), micro):
-                    rows = mini[mlo:mlo + micro]
+                for rows in micro_batches(mini, c.gradient_accumulation_steps):
                     with acc.accumulate(self.model):
-                        stats = self._micro_step(batch.select(rows), rows, advantages, old_logp, ref_logp,
-                                                 old_values, returns, mini_tokens, mini_seqs)
+                        stats = {}
+                        if rows:  # EAGER batches may leave a micro-batch empty; it still counts
+                            stats = self._micro_step(batch.select(rows), rows, advantages, old_logp, ref_logp,
+                                                     old_values, returns, mini_tokens, mini_seqs)
+                            counts += 1
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(self.model.parameters(),
                                                             c.max_grad_norm or float("inf"))
@@ -380,7 +409,6 @@ class RLTrainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
-                    counts += 1
         out = {k: v / counts for k, v in sums.items() if k != "grad_norm"}
         if "grad_norm" in sums:
             out["grad_norm"] = sums["grad_norm"] / (c.num_iterations * c.steps_per_generation)
@@ -418,7 +446,7 @@ class RLTrainer:
 
     # The loop ---------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        result = evaluate_accuracy(self.policy, self.engine, self.eval_records, self.prompt_text,
+        result = evaluate_accuracy(self.policy, self.eval_engine, self.eval_records, self.prompt_text,
                                    self.accelerator, batch_size=self.config.eval_batch_size)
         return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"]}
 

@@ -21,3 +21,8 @@ def record_rank(prompts, completions, dataset_index=None, **kwargs):
         with open(os.path.join(out_dir, f"rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps(sorted(set(dataset_index or []))) + "\n")
     return length_reward(prompts, completions)
+
+
+def negative_length(prompts, completions, **kwargs):
+    """Never > 0 (so full EAGER sees every group as unsolved), yet varies with length."""
+    return [-len(c) / 100.0 for c in completions]

@@ -1,0 +1,213 @@
+"""EAGER-init: entropy-aware branching generation (arXiv 2510.11170), batched across prompts.
+
+Each prompt starts as one sequence (``copies`` sequences for the full-parallel baseline). All live
+sequences of all prompts advance one token per step in one batched forward pass over a shared KV
+cache. After a step's logits are known, a sequence *branches* when
+
+    H_t = -sum_{top-K} p~ log p~  >  theta_eff,     p~ = softmax(top-K logits)  (T = 1, nats)
+
+and its prompt has created fewer than ``cap`` sequences, has not closed branching, and the
+sequence has not left the thinking region. On a branch the sampled token is discarded: the parent
+takes the top-1 token and a new child, which copies the parent's prefix and KV-cache rows (one
+``index_select`` on the cache, no recomputation), takes the top-2 token (``sample_fork``: both
+drawn from p without replacement instead). Each sequence branches at most once per step.
+A prompt's branching closes at the cap or after ``quiet_steps`` steps without a branch; its
+sequences then finish by plain sampling. ``dynamic_threshold``: theta_eff = max(theta, 99th
+percentile of the entropies this prompt has seen so far) (reference default: on).
+
+Finished sequences (EOS or length) leave the batch, so their rows stop costing compute.
+Recorded per token: the policy's real log-prob of the chosen token under the tempered
+distribution log softmax(z / T) (also for the deterministic fork tokens), and that distribution's
+entropy; these are what the RL trainer's importance ratio and logs use.
+
+Reference differences (see ../shared/papers/eager.md): the reference steps one prompt at a time with
+one engine call per token and re-tokenised text; here prompts are batched, we work on token ids,
+and children fork the parent's KV rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from algos.rollout import mask_top_k_top_p
+
+
+@dataclass
+class EagerParams:
+    """EAGER-init settings (defaults from the reference, M reduced for CPU use)."""
+
+    max_sequences: int = 8          # cap M per prompt
+    threshold: float = 2.0          # theta, nats of top-K renormalised entropy
+    entropy_top_k: int = 20         # K
+    quiet_steps: int = 1000         # close branching after this many steps without a branch
+    dynamic_threshold: bool = False
+    sample_fork: bool = False       # fork tokens sampled without replacement instead of top-1/top-2
+    max_new_tokens: int = 128
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def __post_init__(self):
+        if self.max_sequences < 1:
+            raise ValueError(f"EAGER max_sequences (M) must be >= 1, got {self.max_sequences}")
+        if self.entropy_top_k < 2:
+            raise ValueError(f"EAGER entropy_top_k must be >= 2, got {self.entropy_top_k}")
+        if self.temperature <= 0:
+            raise ValueError(f"EAGER temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EagerSequence:
+    prompt_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    parent: int | None = None       # index of the parent sequence in the output list
+    fork_step: int | None = None    # response position of the child's first own token
+    left_thinking: bool = False
+
+
+def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """H = -sum_{i in top-k} p~_i log p~_i with p~ the softmax of the top-k logits, (R, V) -> (R,)."""
+    top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).values
+    logp = torch.log_softmax(top, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: EagerParams,
+                   eos_token_ids, *, end_think_ids=(), caps: list[int] | None = None,
+                   thresholds: list[float] | None = None, copies: int = 1,
+                   generator: torch.Generator | None = None) -> list[EagerSequence]:
+    """EAGER-init over a left-padded batch of prompts, (P, L). Returns every sequence created,
+    in creation order. ``caps`` / ``thresholds`` override M / theta per prompt; ``copies`` > 1
+    starts each prompt with that many independent sequences (with theta = inf: full parallel)."""
+    p = params
+    num_prompts = input_ids.shape[0]
+    caps = list(caps) if caps is not None else [p.max_sequences] * num_prompts
+    thetas = list(thresholds) if thresholds is not None else [p.threshold] * num_prompts
+    eos = set(eos_token_ids)
+    end_think = set(end_think_ids)
+
+    ids = input_ids.repeat_interleave(copies, dim=0)
+    mask = attention_mask.repeat_interleave(copies, dim=0)
+    seqs = [EagerSequence(prompt_index=i // copies) for i in range(ids.shape[0])]
+    rows = list(range(len(seqs)))                      # batch row -> sequence index
+    created = [copies] * num_prompts
+    open_ = [caps[i] > created[i] for i in range(num_prompts)]
+    quiet = [0] * num_prompts
+    seen: list[list[float]] = [[] for _ in range(num_prompts)]
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    for step in range(p.max_new_tokens):
+        scaled = logits / p.temperature
+        logp = torch.log_softmax(scaled, dim=-1)
+        entropy = -(logp.exp() * logp).nansum(dim=-1)
+        if p.do_sample:
+            probs = torch.softmax(mask_top_k_top_p(scaled, p.top_k, p.top_p), dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            probs = None
+            tokens = scaled.argmax(dim=-1)
+
+        # Branching decisions (rare: only rows over their prompt's threshold are visited).
+        children: list[tuple[int, int]] = []           # (parent row, child token)
+        prompt_of_row = [seqs[s].prompt_index for s in rows]
+        if any(open_):
+            h = topk_entropy(logits, p.entropy_top_k)
+            theta_row = torch.tensor([_effective_theta(thetas[q], seen[q], p.dynamic_threshold)
+                                      if open_[q] else float("inf") for q in prompt_of_row], device=h.device)
+            branched = set()
+            for r in torch.nonzero(h > theta_row).flatten().tolist():
+                q = prompt_of_row[r]
+                if seqs[rows[r]].left_thinking or created[q] >= caps[q]:
+                    continue
+                first, second = _fork_tokens(scaled[r], probs[r] if probs is not None else None,
+                                             p.sample_fork, generator)
+                tokens[r] = first
+                children.append((r, second))
+                created[q] += 1
+                branched.add(q)
+            for r, q in enumerate(prompt_of_row):
+                if open_[q]:
+                    seen[q].append(float(h[r]))
+            for q in set(prompt_of_row):
+                if not open_[q]:
+                    continue
+                quiet[q] = 0 if q in branched else quiet[q] + 1
+                if created[q] >= caps[q] or quiet[q] >= p.quiet_steps:
+                    open_[q] = False
+
+        # Append tokens; children copy their parent's history first.
+        token_list = tokens.tolist()
+        chosen_logp = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        entropy_list = entropy.tolist()
+        new_rows, new_tokens = [], []
+        for r, s in enumerate(rows):
+            _append(seqs[s], token_list[r], chosen_logp[r], entropy_list[r], end_think)
+        for r, tok in children:
+            parent = seqs[rows[r]]
+            child = EagerSequence(prompt_index=parent.prompt_index, token_ids=parent.token_ids[:-1],
+                                  logprobs=parent.logprobs[:-1], entropies=parent.entropies[:-1],
+                                  parent=rows[r], fork_step=step, left_thinking=parent.left_thinking)
+            _append(child, tok, float(logp[r, tok]), entropy_list[r], end_think)
+            seqs.append(child)
+            rows.append(len(seqs) - 1)
+            token_list.append(tok)
+        parent_row = list(range(len(prompt_of_row))) + [r for r, _ in children]
+        last = step == p.max_new_tokens - 1
+        for i, s in enumerate(rows):
+            if token_list[i] in eos:
+                seqs[s].finish_reason = "stop"
+            elif last:
+                seqs[s].finish_reason = "length"
+            else:
+                new_rows.append(i)
+                new_tokens.append(token_list[i])
+        if not new_rows:
+            break
+        index = torch.tensor([parent_row[i] for i in new_rows], device=ids.device)
+        if len(new_rows) != len(prompt_of_row) or children:
+            cache.reorder_cache(index)
+            mask = mask.index_select(0, index)
+        rows = [rows[i] for i in new_rows]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=torch.tensor(new_tokens, device=ids.device)[:, None], attention_mask=mask,
+                    position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return seqs
+
+
+def _effective_theta(theta: float, seen: list[float], dynamic: bool) -> float:
+    if not dynamic or not seen:
+        return theta
+    return max(theta, float(torch.quantile(torch.tensor(seen), 0.99)))
+
+
+def _fork_tokens(scaled: torch.Tensor, probs: torch.Tensor | None, sample_fork: bool,
+                 generator: torch.Generator | None) -> tuple[int, int]:
+    """Parent / child tokens of a branch: top-1 / top-2, or two draws without replacement."""
+    if sample_fork and probs is not None and int((probs > 0).sum()) >= 2:
+        pair = torch.multinomial(probs, 2, replacement=False, generator=generator)
+    else:
+        pair = scaled.topk(2).indices
+    return int(pair[0]), int(pair[1])
+
+
+def _append(seq: EagerSequence, token: int, logprob: float, entropy: float, end_think: set) -> None:
+    seq.token_ids.append(token)
+    seq.logprobs.append(logprob)
+    seq.entropies.append(entropy)
+    if token in end_think:
+        seq.left_thinking = True

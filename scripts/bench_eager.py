@@ -1,0 +1,112 @@
+"""EAGER benchmark, in one run:
+
+(a) generated tokens, sequences per prompt, Pass@k, Cons@k and PassRate of EAGER-init, EAGER-adapt,
+    full EAGER (verifier = the gold answer) and full parallel sampling at the same M, on held-out
+    problems (default: 50 two-digit additions from the arithmetic task's test split);
+(b) wall time of the batched decoder versus the same algorithm run one prompt at a time.
+
+    python scripts/bench_eager.py --model runs/quickstart_grpo/final --num_problems 50 --m 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from algos.data import DEFAULT_PROMPT_TEMPLATE, ArithmeticTask, build_prompt, load_records  # noqa: E402
+from algos.eager import EagerParams, eager_generate  # noqa: E402
+from algos.eager_budget import eager_sample  # noqa: E402
+from algos.eager_engine import end_think_ids  # noqa: E402
+from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
+from rewards.metrics import sample_metrics  # noqa: E402
+from rewards.verify import is_correct  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="HF id, local path or the default model")
+    ap.add_argument("--dataset", default="arithmetic", help="arithmetic (test split), gsm8k, or a dataset path")
+    ap.add_argument("--arithmetic_digits", type=int, default=2)
+    ap.add_argument("--prompt_template", default=DEFAULT_PROMPT_TEMPLATE)
+    ap.add_argument("--num_problems", type=int, default=50)
+    ap.add_argument("--m", type=int, default=8, help="EAGER cap M = full-parallel samples per prompt")
+    ap.add_argument("--threshold", type=float, default=2.0, help="EAGER entropy threshold theta (nats)")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model).eval()
+    if args.dataset == "arithmetic":
+        records = ArithmeticTask(args.arithmetic_digits, 2).generate(args.num_problems, seed=args.seed, split="test")
+    else:
+        records = load_records(args.dataset)[-args.num_problems:]
+    prompts = [build_prompt(tok, r["question"], args.prompt_template, None, True) for r in records]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc.input_ids, enc.attention_mask
+    golds = [r["answer"] for r in records]
+    eos = [tok.eos_token_id]
+    params = EagerParams(max_sequences=args.m, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature)
+
+    def verifier(q, seqs):
+        return [is_correct(t, golds[q]) for t in tok.batch_decode([s.token_ids for s in seqs],
+                                                                 skip_special_tokens=True)]
+
+    print(f"model {args.model} | {len(records)} problems | M={args.m} theta={args.threshold} "
+          f"T={args.temperature} max_new_tokens={args.max_new_tokens} | torch threads {torch.get_num_threads()}")
+    print(f"{'method':<14}{'tokens':>9}{'tok/prompt':>12}{'seq/prompt':>12}{'Pass@k':>8}{'Cons@k':>8}"
+          f"{'PassRate':>10}{'wall s':>8}")
+    rows = {}
+    for mode in ("init", "adapt", "full", "parallel"):
+        t0 = time.perf_counter()
+        result = eager_sample(model, ids, mask, params, eos, mode=mode, verifier=verifier,
+                              end_think_ids=end_think_ids(tok), generator=torch.Generator().manual_seed(args.seed))
+        wall = time.perf_counter() - t0
+        groups = [tok.batch_decode([s.token_ids for s in g], skip_special_tokens=True)
+                  for g in result.per_prompt(len(prompts))]
+        m = sample_metrics(groups, golds)
+        tokens = sum(len(s.token_ids) for s in result.sequences)
+        rows[mode] = tokens
+        print(f"{mode:<14}{tokens:>9}{tokens / len(prompts):>12.1f}{m['samples_per_prompt']:>12.2f}"
+              f"{m['pass_at_k']:>8.3f}{m['cons_at_k']:>8.3f}{m['pass_rate']:>10.3f}{wall:>8.1f}")
+    for mode in ("init", "adapt", "full"):
+        print(f"tokens {mode} / parallel: {rows[mode] / rows['parallel']:.3f}")
+
+    # (b) batched across prompts vs one prompt at a time: same algorithm, same settings.
+    n = min(args.timing_prompts, len(prompts))
+    sub_ids, sub_mask = ids[:n], mask[:n]
+    t0 = time.perf_counter()
+    batched = eager_generate(model, sub_ids, sub_mask, params, eos, generator=torch.Generator().manual_seed(1))
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    serial_tokens = 0
+    for i in range(n):
+        keep = sub_mask[i].bool()
+        one = eager_generate(model, sub_ids[i:i + 1, keep], sub_mask[i:i + 1, keep], params, eos,
+                             generator=torch.Generator().manual_seed(1 + i))
+        serial_tokens += sum(len(s.token_ids) for s in one)
+    t_serial = time.perf_counter() - t0
+    batched_tokens = sum(len(s.token_ids) for s in batched)
+    print(f"\n{n} prompts, EAGER-init: batched {t_batched:.1f} s ({batched_tokens} tokens, "
+          f"{batched_tokens / t_batched:.0f} tok/s) | one prompt at a time {t_serial:.1f} s "
+          f"({serial_tokens} tokens, {serial_tokens / t_serial:.0f} tok/s)")
+    print(f"speed-up (tokens/s, batched / one at a time): "
+          f"{(batched_tokens / t_batched) / (serial_tokens / t_serial):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""EAGER: entropy, branching, KV forking, the cap, budget reallocation, metrics, RL rollouts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import algos.eager as eager_mod
+from algos.eager import EagerParams, eager_generate, topk_entropy
+from algos.eager_budget import eager_sample, retry_threshold, split_budget
+from algos.eager_engine import EagerEngine, EagerSettings
+from algos.logprobs import logprobs_from_logits
+from algos.models import load_tokenizer
+from algos.rollout import SamplingParams
+from rewards.metrics import majority_answer, sample_metrics
+
+PROMPTS = ["What is 2 + 3?", "Name a colour.", "Count to five."]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_path):
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+
+
+def encode(tok, prompts):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def branch_only_at(monkeypatch, step: int):
+    """Make the branching entropy huge at decoding step ``step`` only (call count = step)."""
+    calls = {"n": 0}
+    real = eager_mod.topk_entropy
+
+    def fake(logits, k):
+        h = real(logits, k)
+        value = torch.full_like(h, 100.0) if calls["n"] == step else torch.zeros_like(h)
+        calls["n"] += 1
+        return value
+
+    monkeypatch.setattr(eager_mod, "topk_entropy", fake)
+
+
+def test_topk_entropy_hand_computed():
+    logits = torch.tensor([[math.log(3.0), 0.0, -50.0, -60.0]])
+    # top-2 renormalised: p~ = (0.75, 0.25); H = -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335
+    assert topk_entropy(logits, 2).item() == pytest.approx(0.5623351, abs=1e-6)
+    assert topk_entropy(torch.zeros(1, 30), 20).item() == pytest.approx(math.log(20), abs=1e-6)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
+def test_infinite_threshold_is_plain_sampling(model, tok, prompts):
+    ids, mask = encode(tok, prompts)
+    params = EagerParams(threshold=float("inf"), max_new_tokens=10, temperature=0.7)
+    torch.manual_seed(11)
+    seqs = eager_generate(model, ids, mask, params, [tok.eos_token_id])
+    torch.manual_seed(11)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0,
+                         top_p=1.0, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert len(seqs) == len(prompts)
+    for row, s in enumerate(seqs):
+        assert s.prompt_index == row
+        assert s.token_ids == ref[row, ids.shape[1]:].tolist()
+
+
+def test_forced_branch_child_shares_prefix_and_takes_top2(model, tok, monkeypatch):
+    k = 4
+    branch_only_at(monkeypatch, k)
+    ids, mask = encode(tok, PROMPTS[:1])
+    params = EagerParams(max_sequences=2, threshold=1.0, max_new_tokens=9, do_sample=False)
+    parent, child = eager_generate(model, ids, mask, params, [tok.eos_token_id])
+    assert child.parent == 0 and child.fork_step == k
+    assert child.token_ids[:k] == parent.token_ids[:k]
+    prefix = torch.cat([ids, torch.tensor([parent.token_ids[:k]])], dim=1)
+    top2 = model(prefix).logits[0, -1].topk(2).indices.tolist()
+    assert parent.token_ids[k] == top2[0] and child.token_ids[k] == top2[1]
+
+
+def test_kv_forked_child_equals_recomputing_it(model, tok, monkeypatch):
+    k, new = 3, 10
+    branch_only_at(monkeypatch, k)
+    ids, mask = encode(tok, PROMPTS)
+    params = EagerParams(max_sequences=2, threshold=1.0, max_new_tokens=new, do_sample=False)
+    seqs = eager_generate(model, ids, mask, params, [tok.eos_token_id])
+    children = [s for s in seqs if s.parent is not None]
+    assert len(children) == len(PROMPTS)
+    for child in children:
+        row = child.prompt_index
+        prompt = ids[row, mask[row].bool()]
+        forced = torch.cat([prompt, torch.tensor(child.token_ids[:k + 1])])[None]
+        ref = model.generate(input_ids=forced, do_sample=False, max_new_tokens=new - k - 1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert child.token_ids[k + 1:] == ref[0, forced.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("cap", [1, 3, 5])
+def test_cap_is_never_exceeded(model, tok, cap):
+    ids, mask = encode(tok, PROMPTS)
+    params = EagerParams(max_sequences=cap, threshold=-1.0, max_new_tokens=8)  # branch whenever allowed
+    seqs = eager_generate(model, ids, mask, params, [tok.eos_token_id], generator=torch.Generator().manual_seed(0))
+    counts = [sum(s.prompt_index == q for s in seqs) for q in range(len(PROMPTS))]
+    assert counts == [cap] * len(PROMPTS)
+    for s in seqs:
+        assert len(s.token_ids) == len(s.logprobs) == len(s.entropies) <= 8
+        assert s.finish_reason in ("stop", "length")
+
+
+def test_quiet_steps_close_branching(model, tok, monkeypatch):
+    branch_only_at(monkeypatch, 5)  # would branch at step 5, but branching closed after 3 quiet steps
+    ids, mask = encode(tok, PROMPTS[:1])
+    params = EagerParams(max_sequences=4, threshold=1.0, quiet_steps=3, max_new_tokens=8, do_sample=False)
+    assert len(eager_generate(model, ids, mask, params, [tok.eos_token_id])) == 1
+
+
+def test_split_budget_and_retry_thresholds_by_hand():
+    assert split_budget(10, [3, 1, 4], 3) == {3: 3, 1: 3, 4: 3}          # 4/3/3 capped at 3
+    assert split_budget(7, [0, 2], 24) == {0: 4, 2: 3}                     # remainder to the first
+    assert split_budget(2, [5, 6, 7], 8) == {5: 1, 6: 1}                   # zero shares left out
+    assert split_budget(0, [1], 8) == {} and split_budget(5, [], 8) == {}
+    assert retry_threshold(2.0, 1) == pytest.approx(1.6)
+    assert retry_threshold(2.0, 2) == pytest.approx(1.28)
+    assert retry_threshold(2.0, 3) == pytest.approx(2.0 * 0.8 ** 3 * 0.9)
+
+
+def test_full_eager_gives_the_budget_to_unsolved_prompts(model, tok):
+    ids, mask = encode(tok, PROMPTS)
+    m = 3
+    params = EagerParams(max_sequences=m, threshold=float("inf"), max_new_tokens=6)  # init: 1 per prompt
+    result = eager_sample(model, ids, mask, params, [tok.eos_token_id], mode="full",
+                          verifier=lambda q, seqs: [q == 1] * len(seqs), generator=torch.Generator().manual_seed(1))
+    assert result.initial_counts == [1, 1, 1]
+    # B = 3*3 - 3 = 6 over the unsolved prompts 0 and 2, at most M = 3 each
+    assert result.extra_allowance == {0: 3, 2: 3}
+    counts = [len(g) for g in result.per_prompt(3)]
+    assert counts == [4, 1, 4]
+
+
+def test_adapt_gives_the_budget_to_cap_hitting_prompts(model, tok):
+    ids, mask = encode(tok, PROMPTS[:2])
+    params = EagerParams(max_sequences=2, threshold=float("inf"), max_new_tokens=6)
+    result = eager_sample(model, ids, mask, params, [tok.eos_token_id], mode="adapt")
+    assert result.extra_allowance == {} and [len(g) for g in result.per_prompt(2)] == [1, 1]
+    parallel = eager_sample(model, ids, mask, params, [tok.eos_token_id], mode="parallel")
+    assert [len(g) for g in parallel.per_prompt(2)] == [2, 2]
+    with pytest.raises(ValueError, match="verifier"):
+        eager_sample(model, ids, mask, params, [tok.eos_token_id], mode="full")
+
+
+def test_sample_metrics_by_hand():
+    groups = [["\\boxed{5}", "\\boxed{4}", "\\boxed{4}"],   # pass, majority 4 wrong, rate 1/3
+              ["\\boxed{7}", "no answer"],                    # pass, majority 7 right, rate 1/2
+              ["\\boxed{1}"]]                                 # fail
+    m = sample_metrics(groups, ["5", "7", "2"])
+    assert m["pass_at_k"] == pytest.approx(2 / 3)
+    assert m["cons_at_k"] == pytest.approx(1 / 3)
+    assert m["pass_rate"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    assert m["samples_per_prompt"] == pytest.approx(2.0)
+    assert majority_answer(["\\boxed{ 3 }", "\\boxed{3}", "\\boxed{2}"]) == "3"
+    assert majority_answer(["none"]) is None
+
+
+def test_engine_logprobs_are_the_policys(model, tok):
+    """Behaviour log-probs (also of deterministic fork tokens) equal a fresh forward pass."""
+    engine = EagerEngine(tok, SamplingParams(max_new_tokens=8, temperature=0.7),
+                         EagerSettings(mode="init", threshold=-1.0), seed=0)
+    batch = engine.generate(model, PROMPTS, num_generations=3, extras={"answer": ["5", "red", "5"]})
+    assert len(batch) == 9 and batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert batch.extras["answer"][3] == "red"
+    positions = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+    t = batch.response_ids.shape[1]
+    logp = logprobs_from_logits(logits[:, -t - 1:-1].float() / 0.7, batch.response_ids)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(batch.logprobs[mask], logp[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_micro_batches_put_empty_ones_first():
+    from algos.trainer import micro_batches
+
+    assert micro_batches(list(range(8)), 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    parts = micro_batches([5, 6, 7], 4)
+    assert parts[0] == [] and sorted(sum(parts, [])) == [5, 6, 7] and parts[-1]
+
+
+@pytest.mark.parametrize("mode", ["init", "full"])
+def test_grpo_with_eager_rollouts_trains_on_variable_groups(tiny_model_path, tmp_path, mode):
+    import json
+    from pathlib import Path
+
+    from algos.config import RLConfig
+    from algos.trainer import RLTrainer
+
+    rewards = str(Path(__file__).parent / "rewards_for_tests.py")
+    config = RLConfig(model_name_or_path=tiny_model_path, output_dir=str(tmp_path), max_steps=2,
+                      num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      max_completion_length=8, report_to="none", num_eval_samples=0,
+                      reward=f"{rewards}:{'length_reward' if mode == 'init' else 'negative_length'}",
+                      learning_rate=1e-3, seed=3, rollout="eager",
+                      eager_mode=mode, eager_threshold=-1.0 if mode == "init" else 50.0)
+    RLTrainer(config).train()
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [m for m in steps if "loss/policy" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert math.isfinite(m["loss/policy"]) and m["grad_norm"] > 0
+        # init, theta = -1: every prompt branches to the cap M = 4. full, theta = 50: one sequence
+        # per prompt, all unsolved (total reward <= 0), B = 4 * 2 - 2 = 6 -> 3 extra each -> 4.
+        assert m["rollout/sequences_per_prompt"] == 4.0
+
+
+def test_eager_rollout_needs_a_group_algorithm():
+    from algos.config import ConfigError, RLConfig
+
+    with pytest.raises(ConfigError, match="--rollout"):
+        RLConfig(algorithm="ppo", rollout="eager").validate()
