@@ -50,6 +50,8 @@ class RLConfig:
     arithmetic_digits: int = _f(2, "Arithmetic task: digits per operand.")
     arithmetic_operands: int = _f(2, "Arithmetic task: number of operands.")
     arithmetic_operators: str = _f("+", "Arithmetic task: operators to draw from ('+', '+-', '+-*').")
+    arithmetic_test_fraction: float = _f(0.3, "Arithmetic task: share of the problem space held out "
+                                         "for evaluation (never trained on).")
     num_train_samples: int = _f(10000, "Training problems to use (arithmetic: problems generated).")
     num_eval_samples: int = _f(200, "Held-out problems for evaluation (arithmetic: its test split; "
                                "other datasets: the last N records, kept out of training).")
@@ -226,6 +228,8 @@ class RLConfig:
                 "gradient_accumulation_steps x steps_per_generation)")
         if self.algorithm in ("grpo", "reinforce_pp_baseline") and self.num_generations < 2:
             bad("num_generations", f"{self.algorithm} compares completions of one prompt: use >= 2")
+        if not 0 < self.arithmetic_test_fraction < 1:
+            bad("arithmetic_test_fraction", "must be in (0, 1)")
         if self.rollout == "eager" and self.algorithm not in ("grpo", "reinforce_pp_baseline"):
             bad("rollout", "EAGER groups have variable sizes; use it with grpo or reinforce_pp_baseline")
         if self.rollout == "eager" and self.eager_entropy_top_k < 2:

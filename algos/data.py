@@ -35,18 +35,21 @@ def in_test_part(expression: str, fraction: float = 0.3) -> bool:
 class ArithmeticTask:
     """Seeded synthetic arithmetic: ``num_operands`` integers of ``digits`` digits joined by
     operators drawn from ``operators``. The problem space is split once by :func:`in_test_part`
-    (30% test): training problems never occur in the test split, even when the space is tiny
-    (one-digit additions: 100 problems, about 30 of them test)."""
+    (``test_fraction`` of it is test): training problems never occur in the test split, even when
+    the space is tiny (one-digit additions: 100 problems, about 30 of them test)."""
 
     digits: int = 2
     num_operands: int = 2
     operators: str = "+"
+    test_fraction: float = 0.3
 
     def __post_init__(self):
         if self.digits < 1 or self.num_operands < 2:
             raise DataConfigError("arithmetic task needs digits >= 1 and num_operands >= 2")
         if not self.operators or set(self.operators) - set("+-*"):
             raise DataConfigError(f"arithmetic operators must be drawn from '+-*', got '{self.operators}'")
+        if not 0 < self.test_fraction < 1:
+            raise DataConfigError(f"arithmetic test fraction must be in (0, 1), got {self.test_fraction}")
 
     def problem(self, rng: random.Random) -> dict:
         lo, hi = 10 ** (self.digits - 1), 10 ** self.digits - 1
@@ -71,7 +74,7 @@ class ArithmeticTask:
         records, seen, misses = [], set(), 0
         while len(records) < n and misses < 5000:
             p = self.problem(rng)
-            if in_test_part(p["expression"]) != want_test or (want_test and p["expression"] in seen):
+            if in_test_part(p["expression"], self.test_fraction) != want_test or (want_test and p["expression"] in seen):
                 misses += 1
                 continue
             misses = 0

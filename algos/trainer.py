@@ -189,7 +189,8 @@ class RLTrainer:
 
     def _load_data(self) -> tuple[list[dict], list[dict]]:
         c = self.config
-        task = ArithmeticTask(c.arithmetic_digits, c.arithmetic_operands, c.arithmetic_operators)
+        task = ArithmeticTask(c.arithmetic_digits, c.arithmetic_operands, c.arithmetic_operators,
+                              c.arithmetic_test_fraction)
         if c.dataset == "arithmetic":
             train = load_records("arithmetic", "train", c.num_train_samples, c.seed, arithmetic=task)
             held_out = (load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)

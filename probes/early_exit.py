@@ -115,6 +115,11 @@ class LynxGenerateOutput:
     sequences: torch.Tensor
     stats: list[SequenceStats]
     features: list[torch.Tensor] | None = None  # per row (num_events, D) when record_features
+    # the KV cache at the end and the attention mask it was built with ((B, cache length); slot j
+    # after the prompt holds the token fed at step j, i.e. ``sequences[:, prompt_len + j]``):
+    # data collection decodes its forced exits from it instead of re-running the prefixes
+    past_key_values: object = None
+    attention_mask: torch.Tensor | None = None
 
 
 def _select(logits, do_sample, temperature, top_k, top_p, generator):
@@ -349,7 +354,7 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
     if record_features:
         dim = sum(model.config.hidden_size for _ in policy.layers)
         features = [torch.stack(f) if f else torch.zeros((0, dim)) for f in feats]
-    return LynxGenerateOutput(torch.cat([input_ids, gen], dim=-1), stats, features)
+    return LynxGenerateOutput(torch.cat([input_ids, gen], dim=-1), stats, features, cache, attn)
 
 
 __all__ = ["ExitPolicy", "LynxGenerateOutput", "NeverExit", "ProbeExitPolicy", "SequenceStats",

@@ -14,6 +14,20 @@ from rewards.verify import is_correct
 from routers.routed_model import RoutedModel
 
 
+def encode_left_padded(tokenizer, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ``prompts`` tokenised one by one (no special tokens added,
+    as :class:`GenerationEvaluator` does) and left-padded with the tokenizer's pad id."""
+    rows = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class GenerationEvaluator:
     """Callable path -> {0.0, 1.0} for one (prompt, gold) example; counts generations run."""
 

@@ -72,9 +72,18 @@ class PathRouter(nn.Module):
         """(B, 3) logits of router l: mean over the row's valid windows of r_l(window mean)."""
         param = self.blocks[layer_idx].net[0].weight
         pooled, valid = window_pool(hidden.to(param.dtype), mask, self.num_windows)
-        logits = self.blocks[layer_idx](pooled)                          # (B, W, 3)
+        return self.pooled_logits(layer_idx, pooled, valid)
+
+    def pooled_logits(self, layer_idx: int, pooled: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 3) logits of router l from window means (B, W, d) and their validity (B, W)."""
+        logits = self.blocks[layer_idx](pooled.to(self.blocks[layer_idx].net[0].weight.dtype))  # (B, W, 3)
         valid = valid.to(logits.dtype)[..., None]
         return (logits * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+    def all_logits(self, pooled: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(N, L, 3) logits of every router from cached window means (N, L, W, d), validity (N, L, W)."""
+        return torch.stack([self.pooled_logits(layer, pooled[:, layer], valid[:, layer])
+                            for layer in range(self.num_layers)], dim=1)
 
     def decide(self, layer_idx: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                p: float = PURE_ROUTER_P) -> torch.Tensor:

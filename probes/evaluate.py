@@ -1,0 +1,96 @@
+"""Held-out checks of a LYNX probe: the premature-exit rate against delta, and decoding with vs without exits.
+
+* :func:`premature_exit_rates`: on labelled cue events of held-out problems (collected like the
+  calibration events), the rate of exits among events where exiting is wrong (label 0),
+  ``P(exit | label 0)``, which split conformal bounds by delta = 1 - c per event under
+  exchangeability (LYNX, arXiv 2512.05325); also the exit rate among safe events.
+* :func:`evaluate_decoding`: greedy online decoding of held-out problems, once without exits
+  (:class:`probes.early_exit.NeverExit`, token for token what ``generate`` gives) and once per
+  confidence with the probe attached; accuracy, mean generated tokens (exit string and answer
+  included) and exit rate per arm. Answers are graded with :func:`rewards.verify.is_correct`;
+  ``require_boxed=False`` (default) lets an answer outside ``\\boxed{}`` count (math_verify's own
+  extraction), since a small model often answers without the box and the forced exit always
+  boxes, which would otherwise favour the exit arms.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from algos.data import build_prompt
+from probes.early_exit import NeverExit, lynx_generate
+from rewards.verify import is_correct
+
+
+def _rate(mask: torch.Tensor) -> float:
+    return float(mask.float().mean().item()) if mask.numel() else math.nan
+
+
+@torch.no_grad()
+def premature_exit_rates(bundle, events, confidences) -> list[dict]:
+    """Per confidence c: delta, thresholds, premature-exit rate P(exit | label 0), exit rate of safe
+    events P(exit | label 1) and overall, on ``events`` (a :class:`probes.collect.EventSet`)."""
+    p = bundle.score(events.features) if len(events) else torch.zeros(0)
+    safe = events.labels.bool()
+    rows = []
+    for c in confidences:
+        rule = bundle.rule(c)
+        exits = rule.should_exit(p)
+        rows.append({"confidence": c, "delta": rule.delta, "q_safe": rule.q_safe, "q_continue": rule.q_continue,
+                     "events": len(events), "continue_events": int((~safe).sum()), "safe_events": int(safe.sum()),
+                     "premature_exit_rate": _rate(exits[~safe]), "safe_exit_rate": _rate(exits[safe]),
+                     "exit_rate": _rate(exits)})
+    return rows
+
+
+@torch.no_grad()
+def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_template: str,
+                      max_new_tokens: int, batch_size: int = 8, stop_at_answer_close: bool = True,
+                      require_boxed: bool = False, progress: bool = True) -> list[dict]:
+    """Greedy decoding of ``records`` without exits and with the probe at each confidence.
+
+    Returns one dict per arm: accuracy, mean new tokens, exit rate, and for the exit arms the
+    relative token change against the no-exit arm and the number of problems the no-exit arm
+    solves but the exit arm does not (trajectory-level premature exits).
+    """
+    prompts = [build_prompt(tokenizer, r["question"], prompt_template) for r in records]
+    device = next(model.parameters()).device
+    arms = [None, *confidences]
+    bar = tqdm(total=len(arms) * len(records), desc="evaluate: decoding", unit="problem", disable=not progress)
+    results, base = [], None
+    for c in arms:
+        correct, tokens, exited = [], [], []
+        for start in range(0, len(records), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False, padding_side="left")
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            if c is None:
+                out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
+                                    max_new_tokens=max_new_tokens)
+            else:
+                out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
+                                    max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close)
+            width = ids.shape[1]
+            for b, stats in enumerate(out.stats):
+                text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)
+                correct.append(is_correct(text, records[start + b]["answer"], require_boxed=require_boxed))
+                tokens.append(stats.new_tokens)
+                exited.append(stats.exited)
+            bar.update(len(out.stats))
+        row = {"arm": "no exit" if c is None else f"c={c}", "confidence": c, "problems": len(records),
+               "accuracy": sum(correct) / len(records), "mean_new_tokens": sum(tokens) / len(records),
+               "exit_rate": sum(exited) / len(records)}
+        if base is None:
+            base = (correct, row["mean_new_tokens"])
+        else:
+            row["token_change"] = row["mean_new_tokens"] / base[1] - 1 if base[1] else math.nan
+            row["lost_by_exit"] = sum(1 for b, x, e in zip(base[0], correct, exited) if b and e and not x)
+            row["gained_by_exit"] = sum(1 for b, x, e in zip(base[0], correct, exited) if not b and e and x)
+        results.append(row)
+    bar.close()
+    return results
+
+
+__all__ = ["evaluate_decoding", "premature_exit_rates"]
