@@ -15,6 +15,11 @@ Decisions:
   are disabled. Instead, predictions holding huge numeric powers or factorials (e.g.
   ``9^{9^{9^{9}}}``, ``(10^{100})!``) that would make sympy run for minutes are rejected
   (counted wrong) before comparison, and boxed answers over 1,000 characters are wrong.
+* A numeric gold answer ("72", "-3", "0.5") needs a final value: a boxed answer that still
+  holds an arithmetic operation on numbers ("2 + 4", "7 \\times 8", "2^{10}", "3 + 4 = 7") is
+  wrong even though sympy would evaluate it to the gold value. Without this rule a policy learns
+  to copy the question's expression into the box (observed in RL on the arithmetic task).
+  Fractions ("3/4", "\\frac{3}{4}") are final values and stay allowed.
 * ``is_correct`` never raises: any error counts as wrong.
 """
 
@@ -41,6 +46,9 @@ _MAX_ANSWER_CHARS = 1000  # longer boxed answers count as wrong
 _UNBOXED_TAIL_CHARS = 1000  # require_boxed=False: only the tail is searched
 _MAX_BITS = 4_000_000  # refuse predictions whose numeric value may need more bits
 _TOKEN_RE = re.compile(r"\\.|[{}]", re.S)  # an escape pair, or a brace
+_NUMERIC_GOLD_RE = re.compile(r"^\s*\$?\s*[-+]?\d[\d,]*(?:\.\d+)?\s*\$?\s*$")
+# A binary operation between numbers (or bracketed/braced operands): +, -, *, x, ÷, ^, =, \times ...
+_UNEVALUATED_RE = re.compile(r"[\d)}]\s*(?:[-+*×÷^=]|\\times|\\cdot|\\div|\\ast)\s*[-+]?[\d({\\]")
 _THIN_SEP_RE = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\ |\\;|\\!)(?=\d{3}(?!\d))")
 
 
@@ -144,6 +152,8 @@ def is_correct(completion: str, gold: str, require_boxed: bool = True) -> bool:
         answer = extract_boxed(completion)
         if answer is not None:
             if not answer or len(answer) > _MAX_ANSWER_CHARS:
+                return False
+            if _NUMERIC_GOLD_RE.match(gold) and _UNEVALUATED_RE.search(_normalise(answer)):
                 return False
             pred = _parse_answer(answer)
         elif require_boxed:

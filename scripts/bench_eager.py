@@ -2,7 +2,7 @@
 
 (a) generated tokens, sequences per prompt, Pass@k, Cons@k and PassRate of EAGER-init, EAGER-adapt,
     full EAGER (verifier = the gold answer) and full parallel sampling at the same M, on held-out
-    problems (default: 50 two-digit additions from the arithmetic task's test split);
+    problems (default: 50 held-out problems of the quickstart's arithmetic task);
 (b) wall time of the batched decoder versus the same algorithm run one prompt at a time.
 
     python scripts/bench_eager.py --model runs/quickstart_grpo/final --num_problems 50 --m 8
@@ -31,7 +31,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="HF id, local path or the default model")
     ap.add_argument("--dataset", default="arithmetic", help="arithmetic (test split), gsm8k, or a dataset path")
-    ap.add_argument("--arithmetic_digits", type=int, default=2)
+    ap.add_argument("--arithmetic_digits", type=int, default=1)
+    ap.add_argument("--arithmetic_operators", default="+-*")
+    ap.add_argument("--arithmetic_test_fraction", type=float, default=0.7,
+                    help="as in training; the defaults match configs/quickstart_grpo.yaml's held-out problems")
     ap.add_argument("--prompt_template", default=DEFAULT_PROMPT_TEMPLATE)
     ap.add_argument("--num_problems", type=int, default=50)
     ap.add_argument("--m", type=int, default=8, help="EAGER cap M = full-parallel samples per prompt")
@@ -51,7 +54,8 @@ def main(argv=None):
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model).eval()
     if args.dataset == "arithmetic":
-        records = ArithmeticTask(args.arithmetic_digits, 2).generate(args.num_problems, seed=args.seed, split="test")
+        task = ArithmeticTask(args.arithmetic_digits, 2, args.arithmetic_operators, args.arithmetic_test_fraction)
+        records = task.generate(args.num_problems, seed=args.seed, split="test")
     else:
         records = load_records(args.dataset)[-args.num_problems:]
     prompts = [build_prompt(tok, r["question"], args.prompt_template, None, True) for r in records]

@@ -66,7 +66,6 @@ def test_extract_boxed_non_string():
         (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}"),
         (r"\boxed{-3}", "-3"),
         (r"$\boxed{72}$", "$72$"),
-        (r"\boxed{2^{10}}", "1024"),
         (r"\boxed{4} no wait \boxed{5}", "5"),  # last box wins
         (r"\fbox{9}", "9"),
         (r"\boxed{5}", 5),  # non-string gold is str()-ed
@@ -390,3 +389,22 @@ def test_stack_accepts_tensor_and_nan_returns():
     out = stack(["p", "q"], ["c", "d"])
     assert out.total.tolist() == [1.0, 0.0]
     assert math.isnan(out.components["<lambda>"][1].item())
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("\\boxed{2 + 4}", "6", False),          # the question's expression copied into the box
+    ("\\boxed{0 - 7}", "-7", False),
+    ("\\boxed{7 \\times 8}", "56", False),
+    ("\\boxed{2^{3}}", "8", False),
+    ("\\boxed{2^{10}}", "1024", False),
+    ("\\boxed{3 + 4 = 7}", "7", False),
+    ("\\boxed{-7}", "-7", True),
+    ("\\boxed{56}", "56", True),
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),   # fractions are final values
+    ("\\boxed{3/4}", "0.75", True),
+    ("\\boxed{x = 12}", "12", True),
+    ("\\boxed{x^2 + 1}", "x^2+1", True),      # symbolic gold: expressions compare as before
+])
+def test_numeric_gold_needs_an_evaluated_answer(answer, gold, expected):
+    assert is_correct(answer, gold) is expected
