@@ -313,7 +313,7 @@ class EventShards:
 
 
 def _check_same(existing: dict, current: dict, directory: Path) -> None:
-    for section, label in (("settings", "other settings"), ("model", "a different model"), ("data", "other problems")):
+    for section, label in (("model", "a different model"), ("data", "other problems"), ("settings", "other settings")):
         old, new = existing.get(section, {}), current[section]
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):

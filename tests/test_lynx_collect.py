@@ -29,6 +29,24 @@ EXIT = "\nFinal Answer: \\boxed{"
 
 
 @pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory) -> str:
+    """conftest's tiny Llama with larger random weights (initializer_range 0.3), so that its outputs
+    depend on the prefix (with the default 0.02 it repeats one token whatever the input)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-diverse")
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def tiny(tiny_model_path):
     return load_causal_lm(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
 
@@ -90,6 +108,7 @@ def test_forced_exits_equal_greedy_generate_from_scratch(tiny):
     exit_ids = tok(EXIT, add_special_tokens=False)["input_ids"]
     answers = forced_exit_answers(model, tok, out, width, events, exit_ids, answer_max_tokens=7,
                                   stop_at_answer_close=False, batch_size=3)
+    assert len({tuple(a) for a in answers}) > 2  # the answers depend on the prefix
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos}
     for (b, i), got in zip(events, answers):
