@@ -167,7 +167,7 @@ def train_router(router: PathRouter, train: RoutingData, val: RoutingData | None
             loss.backward()
             optimizer.step()
             scheduler.step()
-            epoch_loss += float(loss) * len(batch)
+            epoch_loss += loss.item() * len(batch)
         losses.append(epoch_loss / len(train))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     router.eval()
