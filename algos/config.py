@@ -81,6 +81,9 @@ class RLConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     top_k: int = _f(0, "Top-k sampling (0: off).")
     generation_batch_size: int = _f(0, "Sequences per generate call (0: the whole rollout batch).")
+    drop_finished_sequences: bool = _f(True, "HF rollout: sample with our KV-cached loop, in which a "
+                                       "finished completion leaves the batch (False: transformers' "
+                                       "generate, which keeps finished rows to the end).")
     rollout: str = _f("hf", "Rollout engine: 'hf' (num_generations samples per prompt with HF generate) or "
                       "'eager' (EAGER entropy-aware branching: a variable number of completions per prompt, "
                       "at most num_generations before reallocation; grpo and reinforce_pp_baseline only).",

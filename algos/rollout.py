@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from algos.batch import RolloutBatch
+from algos.sampler import sample_dropping_finished
 
 
 @dataclass
@@ -27,6 +28,7 @@ class SamplingParams:
     do_sample: bool = True
     max_prompt_length: int = 256
     batch_size: int = 0  # sequences per generate call; 0 = all at once
+    drop_finished: bool = True  # our sampling loop (finished rows leave the batch); False: model.generate
 
 
 class RolloutEngine(Protocol):
@@ -87,7 +89,8 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
 
 
 class HFGenerateEngine:
-    """Batched sampling with ``model.generate`` (KV cache, left padding)."""
+    """Batched sampling with the KV cache and left padding: by default our loop that drops
+    finished rows (``algos.sampler``), or ``model.generate`` with ``drop_finished=False``."""
 
     def __init__(self, tokenizer, params: SamplingParams):
         self.tokenizer = tokenizer
@@ -110,8 +113,8 @@ class HFGenerateEngine:
     def _generation_config(self, model) -> GenerationConfig:
         p = self.params
         return GenerationConfig(
-            max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=None, top_k=None,
-            top_p=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+            max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=1.0, top_k=0,
+            top_p=1.0, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
             use_cache=True)
 
     @torch.no_grad()
@@ -131,13 +134,18 @@ class HFGenerateEngine:
         model.eval()
         try:
             for lo in range(0, total, chunk):
-                stats = BehaviourStats(p.temperature, p.top_k, p.top_p)
-                out = model.generate(input_ids=prompt_ids[lo:lo + chunk],
-                                     attention_mask=prompt_mask[lo:lo + chunk],
-                                     generation_config=config,
-                                     logits_processor=LogitsProcessorList([stats]))
-                response = out[:, prompt_ids.shape[1]:]
-                lp, ent = stats.finish(response[:, -1])
+                ids, mask = prompt_ids[lo:lo + chunk], prompt_mask[lo:lo + chunk]
+                if p.drop_finished:
+                    response, lp, ent = sample_dropping_finished(
+                        model, ids, mask, max_new_tokens=p.max_new_tokens, eos_ids=self.eos_ids,
+                        pad_id=self.tokenizer.pad_token_id, temperature=p.temperature, top_k=p.top_k,
+                        top_p=p.top_p, do_sample=p.do_sample)
+                else:
+                    stats = BehaviourStats(p.temperature, p.top_k, p.top_p)
+                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                         logits_processor=LogitsProcessorList([stats]))
+                    response = out[:, prompt_ids.shape[1]:]
+                    lp, ent = stats.finish(response[:, -1])
                 responses.append(response)
                 logprobs.append(lp)
                 entropies.append(ent)

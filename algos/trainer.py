@@ -8,6 +8,7 @@ this module composes them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -70,6 +71,36 @@ def use_cpu_threads(num_processes: int) -> None:
     threads = int(wanted) if wanted else max(1, (os.cpu_count() or 1) // num_processes)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+
+
+def trim_padding(batch: RolloutBatch):
+    """(prompt_ids, prompt_mask, response_ids, response_mask) without the prompt columns that are
+    left padding in every row and the response columns past the longest response. The cut columns
+    are masked for every row, so the kept positions' outputs are unchanged."""
+    used_prompt = batch.prompt_mask.bool().any(dim=0).nonzero()
+    start = int(used_prompt[0]) if len(used_prompt) else 0
+    used_response = batch.response_mask.bool().any(dim=0).nonzero()
+    end = int(used_response[-1]) + 1 if len(used_response) else 1
+    return (batch.prompt_ids[:, start:], batch.prompt_mask[:, start:],
+            batch.response_ids[:, :end], batch.response_mask[:, :end])
+
+
+def length_buckets(rows: list[int], lengths: list[float], min_fill: float = 0.75) -> list[list[int]]:
+    """``rows`` cut into buckets of similar length, longest first: a bucket takes rows while they
+    are at least ``min_fill`` x its longest row, so at most 1 - min_fill of a bucket's positions
+    are padding (min_fill = 0: one bucket)."""
+    buckets, top = [], 0.0
+    for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+        if not buckets or lengths[i] < min_fill * top:
+            buckets.append([])
+            top = lengths[i]
+        buckets[-1].append(rows[i])
+    return buckets
+
+
+def rows_by_length(lengths: torch.Tensor) -> list[int]:
+    """Row indices ordered by length (stable), so consecutive micro-batches hold similar lengths."""
+    return torch.argsort(lengths, stable=True).tolist()
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -142,8 +173,10 @@ class RLTrainer:
                       {"params": model.critic_parameters(), "lr": c.critic_learning_rate}]
         else:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": c.learning_rate}]
+        # The fused kernel (one pass per tensor; TRL's default optimizer too) on CPU and CUDA.
         optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, weight_decay=c.weight_decay,
-                                      betas=(c.adam_beta1, c.adam_beta2))
+                                      betas=(c.adam_beta1, c.adam_beta2),
+                                      fused=acc.device.type in ("cpu", "cuda"))
         self.total_optimizer_steps = c.max_steps * c.num_iterations * c.steps_per_generation
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which would
         # advance it once per process).
@@ -154,9 +187,12 @@ class RLTrainer:
 
         sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
                                   top_p=c.top_p, top_k=c.top_k, max_prompt_length=c.max_prompt_length,
-                                  batch_size=c.generation_batch_size)
+                                  batch_size=c.generation_batch_size, drop_finished=c.drop_finished_sequences)
         self.eval_engine = HFGenerateEngine(self.tokenizer, sampling)
         self.engine = self.eval_engine if c.rollout == "hf" else self._eager_engine(sampling)
+        # Micro-batches run as length buckets (less padding), except under DeepSpeed, whose engine
+        # expects one backward per micro-step.
+        self.bucket_min_fill = 0.75 if getattr(acc.state, "deepspeed_plugin", None) is None else 0.0
         self.step = 0
         self.prompts_consumed = 0
         self.tracker = None
@@ -235,11 +271,15 @@ class RLTrainer:
         return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
 
     def forward(self, model, batch: RolloutBatch):
-        """Per-token log-probs of the response tokens (tempered logits), and values for PPO."""
+        """Per-token log-probs of the response tokens (tempered logits), and values for PPO, both
+        (B, T). Columns that are padding in every row are cut before the pass (``trim_padding``)
+        and the outputs padded back with zeros."""
         c = self.config
-        input_ids, mask = batch.input_ids, batch.attention_mask
+        prompt_ids, prompt_mask, response_ids, response_mask = trim_padding(batch)
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
         positions = position_ids_from_mask(mask)
-        keep = batch.response_ids.shape[1] + 1
+        keep = response_ids.shape[1] + 1
         values = None
         if isinstance(self.accelerator.unwrap_model(model), ActorCritic):
             logits, values = model(input_ids, mask, positions, keep)
@@ -247,18 +287,28 @@ class RLTrainer:
         else:
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                            logits_to_keep=keep, use_cache=False).logits
-        logits = logits[:, :-1].float() / c.temperature
-        return logprobs_from_logits(logits, batch.response_ids), values
+        logits = logits[:, :-1].float()
+        if c.temperature != 1.0:  # a (B, T, V) copy and its gradient saved at T = 1
+            logits = logits / c.temperature
+        logp = logprobs_from_logits(logits, response_ids)
+        cut = batch.response_ids.shape[1] - response_ids.shape[1]
+        if cut:
+            logp = torch.nn.functional.pad(logp, (0, cut))
+            values = torch.nn.functional.pad(values, (0, cut)) if values is not None else None
+        return logp, values
 
     @torch.no_grad()
     def _batched_forward(self, model, batch: RolloutBatch):
+        """``forward`` over the batch in micro-batches of rows of similar length (less padding)."""
         size = self.config.per_device_train_batch_size
+        order = rows_by_length(batch.attention_mask.sum(dim=1))
         logps, values = [], []
         for lo in range(0, len(batch), size):
-            lp, v = self.forward(model, batch.select(list(range(lo, min(lo + size, len(batch))))))
+            lp, v = self.forward(model, batch.select(order[lo:lo + size]))
             logps.append(lp)
             values.append(v)
-        return torch.cat(logps), (torch.cat(values) if values[0] is not None else None)
+        back = torch.argsort(torch.tensor(order))
+        return torch.cat(logps)[back], (torch.cat(values)[back] if values[0] is not None else None)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -391,14 +441,16 @@ class RLTrainer:
             order = torch.randperm(n) if c.steps_per_generation > 1 else torch.arange(n)
             for mini in torch.tensor_split(order, c.steps_per_generation):
                 mini = mini.tolist()
+                if c.gradient_accumulation_steps > 1:  # micro-batches of similar lengths pad less
+                    mini = [mini[i] for i in rows_by_length(batch.attention_mask[mini].sum(dim=1))]
                 mini_mask = batch.response_mask[mini]
                 mini_tokens, mini_seqs = float(mini_mask.sum()), len(mini)
                 for rows in micro_batches(mini, c.gradient_accumulation_steps):
                     with acc.accumulate(self.model):
                         stats = {}
                         if rows:  # EAGER batches may leave a micro-batch empty; it still counts
-                            stats = self._micro_step(batch.select(rows), rows, advantages, old_logp, ref_logp,
-                                                     old_values, returns, mini_tokens, mini_seqs)
+                            stats = self._micro_step_by_length(batch, rows, advantages, old_logp, ref_logp,
+                                                               old_values, returns, mini_tokens, mini_seqs)
                             counts += 1
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(self.model.parameters(),
@@ -413,6 +465,27 @@ class RLTrainer:
         out = {k: v / counts for k, v in sums.items() if k != "grad_norm"}
         if "grad_norm" in sums:
             out["grad_norm"] = sums["grad_norm"] / (c.num_iterations * c.steps_per_generation)
+        return out
+
+    def _micro_step_by_length(self, batch: RolloutBatch, rows, *args) -> dict:
+        """One micro-batch as buckets of rows of similar length (``length_buckets``), each bucket
+        trimmed of its padding and run forward/backward on its own. Each bucket's loss carries its
+        share of the mini-batch, so the summed gradient is the micro-batch's; the stats returned
+        are the micro-batch's (the buckets' stats weighted by their share of it)."""
+        c, acc = self.config, self.accelerator
+        buckets = length_buckets(rows, batch.attention_mask[rows].sum(dim=1).tolist(), self.bucket_min_fill)
+        if len(buckets) == 1:
+            return self._micro_step(batch.select(rows), rows, *args)
+        tokens = max(float(batch.response_mask[rows].sum()), 1.0)
+        out: dict[str, float] = {}
+        for i, bucket in enumerate(buckets):
+            # Gradients of all buckets are summed locally; processes synchronise once, after the last.
+            with contextlib.nullcontext() if i == len(buckets) - 1 else acc.no_sync(self.model):
+                stats = self._micro_step(batch.select(bucket), bucket, *args)
+            token_share = float(batch.response_mask[bucket].sum()) / tokens
+            loss_share = token_share if c.agg_mode == "token-mean" else len(bucket) / len(rows)
+            for k, v in stats.items():
+                out[k] = out.get(k, 0.0) + v * (loss_share if k in ("loss/policy", "kl", "loss/value") else token_share)
         return out
 
     def _micro_step(self, micro: RolloutBatch, rows, advantages, old_logp, ref_logp, old_values,
