@@ -136,10 +136,15 @@ class HFGenerateEngine:
             for lo in range(0, total, chunk):
                 ids, mask = prompt_ids[lo:lo + chunk], prompt_mask[lo:lo + chunk]
                 if p.drop_finished:
+                    whole_groups = lo % num_generations == 0 and len(ids) % num_generations == 0
+                    repeats = num_generations if whole_groups else 1
+                    if repeats > 1:  # whole groups: each prompt is prefilled once
+                        group = slice(lo // repeats, (lo + len(ids)) // repeats)
+                        ids, mask = unique_ids[group], unique_mask[group]
                     response, lp, ent = sample_dropping_finished(
                         model, ids, mask, max_new_tokens=p.max_new_tokens, eos_ids=self.eos_ids,
                         pad_id=self.tokenizer.pad_token_id, temperature=p.temperature, top_k=p.top_k,
-                        top_p=p.top_p, do_sample=p.do_sample)
+                        top_p=p.top_p, do_sample=p.do_sample, repeats=repeats)
                 else:
                     stats = BehaviourStats(p.temperature, p.top_k, p.top_p)
                     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
