@@ -8,4 +8,7 @@ Modules, one job each:
   router        per-block MLP routers with windowed mean pooling, and the p knob
   losses        focal loss with effective-number class weights
   export        safetensors + JSON export, checked against the base model on load
+  traces        MCTS over a dataset, traces appended to a resumable jsonl, search summary
+  training      teacher-forced router inputs, focal-loss training, per-block accuracy and macro-F1
+  evaluate      held-out accuracy routed (decided at prefill) vs dense, blocks executed
 """

@@ -293,3 +293,17 @@ def test_entry_point_search_train_eval_export_and_resume(tiny_model_path, tmp_pa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after HF's weight-loading bar
     assert err.startswith("error: ") and "mcts.simulations: 8 in the file, 9 now" in err
+
+
+def test_bench_skip_paths_drop_k_inner_blocks():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_drllm", Path(__file__).parents[1] / "scripts" / "bench_drllm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for k in (0, 1, 4, 8, 28):
+        path = bench.skip_path(30, k)
+        assert len(path) == 30 - k and path[0] == 0 and path[-1] == 29 and path == sorted(set(path))
+    with pytest.raises(SystemExit):
+        bench.skip_path(30, 29)
