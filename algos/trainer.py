@@ -268,7 +268,11 @@ class RLTrainer:
 
     def rollout(self) -> RolloutBatch:
         prompts, extras = self.next_prompts()
-        return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
+        # One autocast region around the whole rollout: under --bf16 each weight is cast to bf16
+        # once per rollout (autocast caches casts until its outermost region exits) instead of
+        # once per decode step; the numbers are the same.
+        with self.accelerator.autocast():
+            return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
 
     def forward(self, model, batch: RolloutBatch):
         """Per-token log-probs of the response tokens (tempered logits), and values for PPO, both

@@ -240,3 +240,18 @@ def test_length_bucketed_update_equals_one_pass(tiny_model_path, tmp_path):
     assert len(w1) == len(w2) > 0
     for a, b in zip(w1, w2):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_bf16_rollout_in_one_autocast_region_gives_the_same_rollout(tiny_model_path, tmp_path,
+                                                                     fresh_accelerate_state):
+    """trainer.rollout wraps the whole generation in one autocast region (weights cast once):
+    the same tokens and log-probs as the per-forward autocast of the prepared model."""
+    trainer = RLTrainer(make_config(tiny_model_path, tmp_path, bf16=True))
+    torch.manual_seed(0)
+    one_region = trainer.rollout()
+    trainer.prompts_consumed = 0
+    torch.manual_seed(0)
+    prompts, extras = trainer.next_prompts()
+    per_forward = trainer.engine.generate(trainer.policy, prompts, trainer.config.num_generations, extras)
+    assert torch.equal(one_region.response_ids, per_forward.response_ids)
+    torch.testing.assert_close(one_region.logprobs, per_forward.logprobs, atol=0, rtol=0)
