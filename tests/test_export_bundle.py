@@ -1,0 +1,72 @@
+"""scripts/export.py: bundle round trip, parts for another model refused, tampering detected."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model
+from probes.conformal import ConformalCalibration
+from probes.cues import cue_preset, default_exit_string
+from probes.export import LynxProbe, load_probe, save_probe
+from probes.probe import ExitProbe
+from routers.export import load_router, save_router
+from routers.router import PathRouter
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+spec = importlib.util.spec_from_file_location("export_script", SCRIPT)
+export = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(export)
+
+
+def save_parts(model, where: Path) -> tuple[Path, Path]:
+    from algos.models import model_identity
+
+    torch.manual_seed(0)
+    probe = ExitProbe(2 * model.config.hidden_size, (16, 8))
+    probe.set_standardisation(torch.randn(20, probe.input_dim))
+    bundle = LynxProbe(probe=probe.eval(), calibration=ConformalCalibration.from_probs(torch.rand(40), torch.arange(40) % 2),
+                       layers=(1, 2), cue_config=cue_preset("words", True), exit_string=default_exit_string(True),
+                       base_model=model_identity(model), default_confidence=0.9)
+    probe_dir = save_probe(where / "lynx", bundle)
+    router_dir = save_router(PathRouter(model.config.num_hidden_layers, model.config.hidden_size), where / "router", model)
+    return probe_dir, router_dir
+
+
+def test_bundle_round_trip(tiny_model_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    probe_dir, router_dir = save_parts(model, tmp_path)
+    out = export.export_bundle(tiny_model_path, tmp_path / "bundle", probe_dir, router_dir)
+    manifest = export.verify_bundle(out)
+    assert manifest["parts"] == {"model": "model", "probe": "probe", "router": "router", "adapter": None}
+    assert "model/model.safetensors" in manifest["files"] and manifest["versions"]["torch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "lynx", "router"]  # no temp dirs
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    load_router(out / "router", reloaded)                      # same weights: fingerprint matches
+    load_probe(out / "probe", reloaded, check_name=False)      # same structure under the new path
+
+
+def test_parts_for_another_model_are_refused(tiny_model_path, tmp_path):
+    other = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "other", seed=1))
+    _, router_dir = save_parts(other, tmp_path / "parts")
+    with pytest.raises(export.BundleError, match="router"):
+        export.export_bundle(tiny_model_path, tmp_path / "bundle", router=router_dir)
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_tampered_bundle_is_detected_and_cli_errors_are_one_line(tiny_model_path, tmp_path):
+    out = export.export_bundle(tiny_model_path, tmp_path / "bundle")
+    with open(out / "model" / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(export.BundleError, match="changed"):
+        export.verify_bundle(out)
+    run = subprocess.run([sys.executable, str(SCRIPT), "--policy", tiny_model_path, "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--overwrite" in run.stderr and len(run.stderr.strip().splitlines()) == 1
