@@ -126,8 +126,9 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         prompt_of_row = [seqs[s].prompt_index for s in rows]
         if any(open_):
             h = topk_entropy(logits, p.entropy_top_k)
-            theta_row = torch.tensor([_effective_theta(thetas[q], seen[q], p.dynamic_threshold)
-                                      if open_[q] else float("inf") for q in prompt_of_row], device=h.device)
+            theta_now = {q: _effective_theta(thetas[q], seen[q], p.dynamic_threshold) if open_[q] else float("inf")
+                         for q in set(prompt_of_row)}  # once per prompt, not per row
+            theta_row = torch.tensor([theta_now[q] for q in prompt_of_row], device=h.device)
             branched = set()
             for r in torch.nonzero(h > theta_row).flatten().tolist():
                 q = prompt_of_row[r]
@@ -139,9 +140,10 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 children.append((r, second))
                 created[q] += 1
                 branched.add(q)
-            for r, q in enumerate(prompt_of_row):
-                if open_[q]:
-                    seen[q].append(float(h[r]))
+            if p.dynamic_threshold:  # the entropies seen are only needed for the dynamic threshold
+                for q, value in zip(prompt_of_row, h.tolist()):
+                    if open_[q]:
+                        seen[q].append(value)
             for q in set(prompt_of_row):
                 if not open_[q]:
                     continue
