@@ -20,6 +20,14 @@ Recorded per token: the policy's real log-prob of the chosen token under the tem
 distribution log softmax(z / T) (also for the deterministic fork tokens), and that distribution's
 entropy; these are what the RL trainer's importance ratio and logs use.
 
+``exits`` (a :class:`probes.early_exit.ExitController`) adds LYNX early exits: every sequence
+carries its own exit state (copied when it forks); a cue-completing token is scored after its
+forward pass and, on exit, rolled back (its attention-mask slot is zeroed, so the next token
+reuses its position), then the exit string is fed and the answer decoded greedily. An exited
+sequence no longer branches. The thinking budget stays ``max_new_tokens``; the exit string and
+answer may go beyond it. Any model with an HF forward works, including
+:class:`routers.routed_lm.RoutedCausalLM` (its own cache comes from ``model.new_cache()``).
+
 Reference differences (see ../shared/papers/eager.md): the reference steps one prompt at a time with
 one engine call per token and re-tokenised text; here prompts are batched, we work on token ids,
 and children fork the parent's KV rows.
@@ -69,6 +77,9 @@ class EagerSequence:
     parent: int | None = None       # index of the parent sequence in the output list
     fork_step: int | None = None    # response position of the child's first own token
     left_thinking: bool = False
+    exited: bool = False            # LYNX exit taken (with ``exits``)
+    exit_index: int | None = None   # response index of the rolled-back cue token = thinking tokens kept
+    exit_state: object = field(default=None, repr=False)
 
 
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,7 +97,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: EagerParams,
                    eos_token_ids, *, end_think_ids=(), caps: list[int] | None = None,
                    thresholds: list[float] | None = None, copies: int = 1,
-                   generator: torch.Generator | None = None) -> list[EagerSequence]:
+                   generator: torch.Generator | None = None, exits=None) -> list[EagerSequence]:
     """EAGER-init over a left-padded batch of prompts, (P, L). Returns every sequence created,
     in creation order. ``caps`` / ``thresholds`` override M / theta per prompt; ``copies`` > 1
     starts each prompt with that many independent sequences (with theta = inf: full parallel)."""
@@ -99,18 +110,23 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     ids = input_ids.repeat_interleave(copies, dim=0)
     mask = attention_mask.repeat_interleave(copies, dim=0)
-    seqs = [EagerSequence(prompt_index=i // copies) for i in range(ids.shape[0])]
+    seqs = [EagerSequence(prompt_index=i // copies, exit_state=exits.new_state() if exits else None)
+            for i in range(ids.shape[0])]
     rows = list(range(len(seqs)))                      # batch row -> sequence index
     created = [copies] * num_prompts
     open_ = [caps[i] > created[i] for i in range(num_prompts)]
     quiet = [0] * num_prompts
     seen: list[list[float]] = [[] for _ in range(num_prompts)]
 
-    cache = DynamicCache(config=model.config)
+    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
+    limit = p.max_new_tokens + (exits.extra_tokens if exits is not None else 0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
-    for step in range(p.max_new_tokens):
+    previous = None  # with exits: each row's logits before its last token (what a rollback returns to)
+    for step in range(limit):
+        if exits is not None:
+            mask, logits = _score_cues(exits, out, seqs, rows, mask, logits, previous)
         scaled = logits / p.temperature
         logp = torch.log_softmax(scaled, dim=-1)
         entropy = -(logp.exp() * logp).nansum(dim=-1)
@@ -120,6 +136,16 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else:
             probs = None
             tokens = scaled.argmax(dim=-1)
+        forced = set()
+        if exits is not None:  # exiting sequences take the exit string, then greedy answer tokens
+            greedy = None
+            for r, s in enumerate(rows):
+                state = seqs[s].exit_state
+                if not exits.thinking(state):
+                    greedy = scaled.argmax(dim=-1) if greedy is None else greedy
+                    tokens[r], was_forced = exits.next_token(state, int(tokens[r]), int(greedy[r]))
+                    if was_forced:
+                        forced.add(r)
 
         # Branching decisions (rare: only rows over their prompt's threshold are visited).
         children: list[tuple[int, int]] = []           # (parent row, child token)
@@ -158,21 +184,31 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         new_rows, new_tokens = [], []
         for r, s in enumerate(rows):
             _append(seqs[s], token_list[r], chosen_logp[r], entropy_list[r], end_think)
+        first_child = len(seqs)
         for r, tok in children:
             parent = seqs[rows[r]]
             child = EagerSequence(prompt_index=parent.prompt_index, token_ids=parent.token_ids[:-1],
                                   logprobs=parent.logprobs[:-1], entropies=parent.entropies[:-1],
-                                  parent=rows[r], fork_step=step, left_thinking=parent.left_thinking)
+                                  parent=rows[r], fork_step=step, left_thinking=parent.left_thinking,
+                                  exit_state=exits.fork(parent.exit_state) if exits is not None else None)
             _append(child, tok, float(logp[r, tok]), entropy_list[r], end_think)
             seqs.append(child)
             rows.append(len(seqs) - 1)
             token_list.append(tok)
         parent_row = list(range(len(prompt_of_row))) + [r for r, _ in children]
-        last = step == p.max_new_tokens - 1
+        done: dict[int, str] = {}
+        if exits is not None:  # children were forked from their parent's state before this token
+            for i, s in enumerate(rows):
+                reason = exits.push(seqs[s].exit_state, token_list[i], i in forced and s < first_child)
+                if reason:
+                    done[i] = reason
         for i, s in enumerate(rows):
+            thinking = exits is None or exits.thinking(seqs[s].exit_state)
             if token_list[i] in eos:
                 seqs[s].finish_reason = "stop"
-            elif last:
+            elif i in done:
+                seqs[s].finish_reason = done[i]
+            elif (thinking and len(seqs[s].token_ids) >= p.max_new_tokens) or step == limit - 1:
                 seqs[s].finish_reason = "length"
             else:
                 new_rows.append(i)
@@ -185,10 +221,35 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             mask = mask.index_select(0, index)
         rows = [rows[i] for i in new_rows]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        want_hidden = exits is not None and any(seqs[s].exit_state.pending for s in rows)
+        if want_hidden:
+            previous = logits.index_select(0, index) if (len(new_rows) != len(prompt_of_row) or children) else logits
         out = model(input_ids=torch.tensor(new_tokens, device=ids.device)[:, None], attention_mask=mask,
-                    position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True)
+                    position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True,
+                    **({"output_hidden_states": True} if want_hidden else {}))
         logits = out.logits[:, -1].float()
     return seqs
+
+
+def _score_cues(exits, out, seqs: list[EagerSequence], rows: list[int], mask: torch.Tensor, logits: torch.Tensor,
+                previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LYNX: score the sequences whose last fed token completed a cue; roll back those that exit
+    (the token leaves the sequence, its attention-mask slot is zeroed and the row's logits go back
+    to those before it). Returns (mask, logits)."""
+    pending = [r for r, s in enumerate(rows) if seqs[s].exit_state.pending]
+    if not pending:
+        return mask, logits
+    features = torch.cat([out.hidden_states[layer][pending, -1] for layer in exits.layers], dim=-1).float()
+    decisions = exits.decide([seqs[rows[r]].exit_state for r in pending], features)
+    for r, leave in zip(pending, decisions):
+        if leave:
+            seq = seqs[rows[r]]
+            seq.exited, seq.exit_index, seq.left_thinking = True, len(seq.token_ids) - 1, True
+            del seq.token_ids[-1], seq.logprobs[-1], seq.entropies[-1]
+            mask, logits = mask.clone(), logits.clone()
+            mask[r, -1] = 0
+            logits[r] = previous[r]
+    return mask, logits
 
 
 def _effective_theta(theta: float, seen: list[float], dynamic: bool) -> float:

@@ -357,5 +357,98 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
     return LynxGenerateOutput(torch.cat([input_ids, gen], dim=-1), stats, features, cache, attn)
 
 
-__all__ = ["ExitPolicy", "LynxGenerateOutput", "NeverExit", "ProbeExitPolicy", "SequenceStats",
+@dataclass
+class ExitState:
+    """One sequence's LYNX state inside a decoder that manages its own rows (EAGER)."""
+
+    detokenizer: IncrementalDetokenizer
+    detector: CueDetector
+    phase: int = THINK
+    pending: bool = False           # the token fed last completes a cue: score it after the forward
+    queue: list[int] = field(default_factory=list)  # exit-string tokens still to feed
+    answer_tokens: int = 0
+    brace_depth: list[int] = field(default_factory=lambda: [0])
+    scores: list[float] = field(default_factory=list)
+
+
+class ExitController:
+    """LYNX exits for decoding loops that own their rows (``algos.eager.eager_generate``).
+
+    The same rule as :func:`lynx_generate`: a cue-completing token's hidden states at the probe's
+    layers are scored after its forward pass; on exit the loop rolls that token back (masks its
+    cache slot), feeds the exit string (:meth:`next_token` returns it token by token), then decodes
+    the answer greedily for at most ``answer_max_tokens`` tokens or until the exit string's braces
+    close. States are copied when a sequence forks (:meth:`fork`)."""
+
+    def __init__(self, tokenizer, probe, confidence: float | None = None, answer_max_tokens: int | None = None,
+                 stop_at_answer_close: bool = True, num_layers: int | None = None, hidden_size: int | None = None):
+        self.tokenizer = tokenizer
+        self.policy = ProbeExitPolicy.from_bundle(probe, confidence)
+        self.layers = self.policy.layers
+        if num_layers is not None and any(not 0 <= layer <= num_layers for layer in self.layers):
+            raise ValueError(f"probe layers {self.layers} out of range for a model with {num_layers} layers")
+        if hidden_size is not None and probe.probe.input_dim != len(self.layers) * hidden_size:
+            raise ValueError(f"the probe takes {probe.probe.input_dim} features but this model gives "
+                             f"{len(self.layers) * hidden_size}; use the probe's own model")
+        self.cue_config = probe.cue_config
+        self.exit_ids = tokenizer(probe.exit_string, add_special_tokens=False)["input_ids"]
+        if not self.exit_ids:
+            raise ValueError("the probe's exit_string is empty")
+        self.answer_max_tokens = int(probe.answer_max_tokens if answer_max_tokens is None else answer_max_tokens)
+        self.open_braces = probe.exit_string.count("{") - probe.exit_string.count("}")
+        self.stop_at_answer_close = stop_at_answer_close and self.open_braces > 0
+        self.extra_tokens = len(self.exit_ids) + self.answer_max_tokens  # beyond the thinking budget
+
+    def new_state(self) -> ExitState:
+        return ExitState(IncrementalDetokenizer(self.tokenizer), CueDetector(self.cue_config))
+
+    @staticmethod
+    def fork(state: ExitState) -> ExitState:
+        import copy
+
+        return copy.deepcopy(state)
+
+    @staticmethod
+    def thinking(state: ExitState) -> bool:
+        return state.phase == THINK
+
+    def decide(self, states: list[ExitState], features: torch.Tensor) -> list[bool]:
+        """Score the pending cue events (features (N, D)); exiting states switch to the exit string."""
+        scores, exits = self.policy.decide(features)
+        decisions = []
+        for state, score, leave in zip(states, torch.as_tensor(scores).tolist(), torch.as_tensor(exits).tolist()):
+            state.pending = False
+            state.scores.append(float(score))
+            if leave:
+                state.phase, state.queue = FORCED, list(self.exit_ids)
+                state.brace_depth = [self.open_braces]
+            decisions.append(bool(leave))
+        return decisions
+
+    @staticmethod
+    def next_token(state: ExitState, sampled: int, greedy: int) -> tuple[int, bool]:
+        """(token, forced): the exit string's next token, else a greedy answer token, else ``sampled``."""
+        if state.phase == FORCED:
+            token = state.queue.pop(0)
+            if not state.queue:
+                state.phase = ANSWER
+            return token, True
+        return (greedy if state.phase == ANSWER else sampled), False
+
+    def push(self, state: ExitState, token: int, forced: bool) -> str | None:
+        """Account for a token appended to the sequence; a finish reason when the answer is done."""
+        if state.phase == THINK:
+            state.pending = state.detector.push(state.detokenizer.push(token))
+            return None
+        if forced or state.phase != ANSWER:
+            return None
+        state.answer_tokens += 1
+        if state.answer_tokens >= self.answer_max_tokens:
+            return "answer_length"
+        if self.stop_at_answer_close and _closes(self.tokenizer, token, state.brace_depth, 0):
+            return "answer_closed"
+        return None
+
+
+__all__ = ["ExitController", "ExitPolicy", "ExitState", "LynxGenerateOutput", "NeverExit", "ProbeExitPolicy", "SequenceStats",
            "default_layers", "lynx_generate"]

@@ -40,6 +40,21 @@ _MASK_FUNCTIONS = {
 Decider = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def row_plan(table: torch.Tensor) -> list[list[torch.Tensor | None | bool]]:
+    """Per block and pass, the rows to run for an action table (B, L): None = all rows, False =
+    none, else an index tensor. One host sync per table."""
+    host = table.tolist()
+    plan = []
+    for layer in range(table.shape[1]):
+        per_pass = []
+        for pass_idx in range(REPEAT):
+            rows = [b for b, row in enumerate(host) if row[layer] > pass_idx]
+            per_pass.append(False if not rows else None if len(rows) == len(host)
+                            else torch.tensor(rows, dtype=torch.long, device=table.device))
+        plan.append(per_pass)
+    return plan
+
+
 class PathCache(Cache):
     """KV cache with one slot per (block, pass): slot(l, p) = p * L + l, p in {0, 1}.
 
@@ -59,6 +74,38 @@ class PathCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (a slot no row uses stays empty, so per-slot lengths would mislead)."""
         return self.seen_tokens
+
+    def crop(self, max_length: int) -> None:
+        """Drop the last ``-max_length`` tokens from every slot (negative values only, as HF's layers)."""
+        if max_length >= 0:
+            raise ValueError(f"PathCache.crop takes a negative number of tokens to remove, got {max_length}")
+        for layer in self.layers:
+            layer.crop(max_length)
+        self.seen_tokens = max(0, self.seen_tokens + max_length)
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """New batch row i = old row ``index[i]`` (rows may repeat or be dropped), path included.
+
+        A slot holds only the rows that use it, so each slot gathers, for every new row that uses
+        it, that row's old position inside the slot."""
+        if self.plan is None:
+            raise ValueError("reorder_cache needs a prefilled PathCache")
+        table, plan = self.plan
+        index = index.to(device=table.device, dtype=torch.long)
+        new_table = table.index_select(0, index)
+        new_plan = row_plan(new_table)
+        all_rows = torch.arange(table.shape[0], device=table.device)
+        for layer in range(self.num_blocks):
+            for pass_idx in range(REPEAT):
+                old_rows, new_rows = plan[layer][pass_idx], new_plan[layer][pass_idx]
+                if old_rows is False or new_rows is False:  # unused before (so now), or no longer used
+                    continue
+                position = all_rows.clone()
+                if old_rows is not None:  # old batch row -> its position inside the slot
+                    position[old_rows] = torch.arange(len(old_rows), device=table.device)
+                wanted = index if new_rows is None else index[new_rows]
+                self.layers[self.slot(layer, pass_idx)].reorder_cache(position[wanted])
+        self.plan = (new_table, new_plan)
 
 
 class _SlotView:
@@ -82,6 +129,9 @@ class RoutedOutput:
     actions: torch.Tensor                # (B, L) actions used
     past_key_values: PathCache | None
     hidden_states: torch.Tensor | None = None  # final-norm input (B, T, d) when asked
+    # HF layout when asked (output_all_hidden_states): embeddings, the output of blocks 1..L-1, and
+    # the final norm of block L's output; under routing "the output of block l" follows the path
+    all_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -132,18 +182,8 @@ class RoutedModel(nn.Module):
         return PathCache(self.config, self.num_layers)
 
     def _plan(self, table: torch.Tensor) -> list[list[torch.Tensor | None | bool]]:
-        """Per block and pass, the rows to run: None = all rows, False = none, else an index
-        tensor. One host sync per table; the cache keeps the prefill's plan for decoding."""
-        host = table.tolist()
-        plan = []
-        for layer in range(self.num_layers):
-            per_pass = []
-            for pass_idx in range(REPEAT):
-                rows = [b for b, row in enumerate(host) if row[layer] > pass_idx]
-                per_pass.append(False if not rows else None if len(rows) == len(host)
-                                else torch.tensor(rows, dtype=torch.long, device=table.device))
-            plan.append(per_pass)
-        return plan
+        """:func:`row_plan`; the cache keeps the prefill's plan for decoding."""
+        return row_plan(table)
 
     def _mask_builder(self, hidden, attention_mask, position_ids, cache, plan):
         """Lazily build one mask per attention type with the model's own mask utilities.
@@ -171,7 +211,7 @@ class RoutedModel(nn.Module):
                 position_ids: torch.Tensor | None = None, use_cache: bool = False,
                 inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
                 block_hook: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                output_hidden_states: bool = False) -> RoutedOutput:
+                output_hidden_states: bool = False, output_all_hidden_states: bool = False) -> RoutedOutput:
         """Run the routed model on ``input_ids`` (B, T).
 
         ``attention_mask`` covers past + current tokens (B, past + T), as in HF. Exactly one of
@@ -212,6 +252,7 @@ class RoutedModel(nn.Module):
         token_mask = attention_mask[:, past:]
         get_mask = self._mask_builder(hidden, attention_mask, position_ids, cache, plan)
         decided = []
+        collected = [hidden] if output_all_hidden_states else None
         for layer_idx, layer in enumerate(body.layers):
             if block_hook is not None:
                 block_hook(layer_idx, hidden, token_mask)
@@ -236,6 +277,8 @@ class RoutedModel(nn.Module):
                                 past_key_values=view, use_cache=cache is not None,
                                 position_embeddings=(cos[rows], sin[rows]))
                     hidden = hidden.index_copy(0, rows, out)
+            if collected is not None and layer_idx < self.num_layers - 1:
+                collected.append(hidden)
         if table is None:
             table = torch.stack(decided, dim=1)
         if cache is not None:
@@ -243,11 +286,14 @@ class RoutedModel(nn.Module):
                 cache.plan = (table, plan if plan is not None else self._plan(table))
             cache.seen_tokens += length
         final = body.norm(hidden)
+        if collected is not None:
+            collected.append(final)
         if logits_to_keep:
             final = final[:, -logits_to_keep:]
         logits = self.model.lm_head(final)
         return RoutedOutput(logits=logits, actions=table, past_key_values=cache,
-                            hidden_states=hidden if output_hidden_states else None)
+                            hidden_states=hidden if output_hidden_states else None,
+                            all_hidden_states=tuple(collected) if collected is not None else None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, actions=None,

@@ -1,0 +1,263 @@
+"""One decoder over a bundle: plain, LYNX early exit, Dr.LLM routing and EAGER branching, any subset.
+
+    decoder = EfficientDecoder.from_pretrained("bundle/")      # or a model path / hub id, probe=, router=
+    out = decoder.generate(prompts, early_exit=True, confidence=0.95, routing=True, branching=True,
+                           max_new_tokens=256, do_sample=True, temperature=0.7, seed=0)
+    out.texts, out.sequences[i].token_ids, .num_tokens, .exit_index, .layers_executed, .parent
+
+``prompts`` are the model's input text (wrap questions with ``algos.data.build_prompt``). Each part
+is its own module's decoder; this class only composes them:
+
+* ``routing``: the model is wrapped in :class:`routers.routed_lm.RoutedCausalLM`, an HF-style forward
+  along the router's path (chosen once per prompt at prefill, per-path KV cache), so the loops
+  below run on it unchanged;
+* ``early_exit``: :func:`probes.early_exit.lynx_generate` (probe + split-conformal rule at
+  ``confidence`` c = 1 - delta); with ``branching`` too, every EAGER sequence carries its own LYNX
+  exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop;
+* ``branching``: :func:`algos.eager.eager_generate` (EAGER-init: branch where the top-K entropy
+  exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt);
+* everything off: the model's own ``generate`` with the same sampling settings, so for the same
+  seed the output is exactly HF's.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class DecoderError(ValueError):
+    """A decoder setting cannot be honoured; the message names what to fix."""
+
+
+@dataclass
+class DecodedSequence:
+    """One generated sequence and what it cost."""
+
+    prompt_index: int
+    token_ids: list[int]                 # response tokens (no prompt, no padding; EOS kept if produced)
+    text: str                            # decoded response, special tokens skipped
+    finish_reason: str                   # "eos", "length", "answer_length", "answer_closed"
+    layers_executed: int                 # block evaluations per token (sum of the path; L when dense)
+    num_layers: int                      # L of the dense model
+    exited: bool = False                 # LYNX exit taken
+    exit_index: int | None = None        # thinking tokens kept before the exit string
+    parent: int | None = None            # EAGER: index (in ``sequences``) of the sequence it forked from
+    fork_step: int | None = None         # EAGER: response position of its first own token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class DecodeOutput:
+    sequences: list[DecodedSequence]     # grouped by prompt, prompts in input order
+    num_prompts: int
+    seconds: float = 0.0                 # wall time of the call
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.sequences]
+
+    def by_prompt(self) -> list[list[DecodedSequence]]:
+        groups: list[list[DecodedSequence]] = [[] for _ in range(self.num_prompts)]
+        for s in self.sequences:
+            groups[s.prompt_index].append(s)
+        return groups
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+
+def _trim(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], str]:
+    """Response ids up to and including the first EOS; trailing pads dropped."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1], "eos"
+    while ids and pad is not None and ids[-1] == pad and pad not in eos:
+        ids = ids[:-1]
+    return ids, "length"
+
+
+class EfficientDecoder:
+    """A policy with an optional LYNX probe and Dr.LLM router; see the module docstring."""
+
+    def __init__(self, model, tokenizer, probe=None, router=None, manifest: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.probe = probe
+        self.router = router
+        self.manifest = manifest
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    @classmethod
+    def from_pretrained(cls, path: str | None, probe: str | None = None, router: str | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        verify: bool = True) -> "EfficientDecoder":
+        """Load a bundle (``scripts/export.py``; its files are checked against the manifest's hashes
+        unless ``verify=False``) or a plain model (hub id, local path, None = embedded default)
+        with an optional probe / router directory. Parts for another model are refused."""
+        from algos.models import load_causal_lm, load_tokenizer
+        from deploy.bundle import MANIFEST, is_bundle, verify_bundle
+        from probes.export import load_probe
+        from routers.export import load_router
+
+        manifest = None
+        if path is not None and is_bundle(path):
+            manifest = verify_bundle(path) if verify else json.loads((Path(path) / MANIFEST).read_text())
+            parts = manifest["parts"]
+            probe = probe or (str(Path(path) / parts["probe"]) if parts.get("probe") else None)
+            router = router or (str(Path(path) / parts["router"]) if parts.get("router") else None)
+            path = str(Path(path) / parts["model"])
+        model = load_causal_lm(path, dtype=dtype).to(device)
+        tokenizer = load_tokenizer(path)
+        # a bundle's model directory is a renamed copy of the policy: compare structure, not names
+        loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
+        loaded_router = load_router(router, model, device=device)[0] if router else None
+        return cls(model, tokenizer, loaded_probe, loaded_router, manifest)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, early_exit: bool = False, confidence: float | None = None,
+                 routing: bool = False, branching: bool = False, max_new_tokens: int = 256,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, routing_p: float | None = None, max_branches: int = 8,
+                 branch_threshold: float = 2.0, entropy_top_k: int = 20, answer_max_tokens: int | None = None,
+                 stop_at_answer_close: bool = True) -> DecodeOutput:
+        """Generate for every prompt with the chosen parts (see the module docstring).
+
+        Sampling settings are HF's (``do_sample``, ``temperature``, ``top_k`` 0 = off, ``top_p``);
+        ``seed`` seeds torch's global generator first. ``confidence`` c = 1 - delta for the exit rule
+        (default: the probe's). ``routing_p``: the router's knob in [-1, 1] (default: router alone).
+        ``max_branches`` / ``branch_threshold`` / ``entropy_top_k``: EAGER's M / theta (nats) / K.
+        LYNX answers after an exit are greedy, at most ``answer_max_tokens`` (default: the probe's),
+        and stop when the exit string's brace closes (``stop_at_answer_close``)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise DecoderError("generate needs at least one prompt")
+        if early_exit and self.probe is None:
+            raise DecoderError("early_exit=True needs a LYNX probe: load a bundle with probe/ or pass probe=")
+        if routing and self.router is None:
+            raise DecoderError("routing=True needs a Dr.LLM router: load a bundle with router/ or pass router=")
+        if max_new_tokens < 1:
+            raise DecoderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise DecoderError(f"temperature must be > 0 when sampling, got {temperature}")
+        settings = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)
+        if seed is not None:
+            torch.manual_seed(seed)
+        start = time.perf_counter()
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.model.parameters()).device
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        model, routed = self.model, None
+        if routing:
+            from routers.routed_lm import RoutedCausalLM
+            from routers.router import PURE_ROUTER_P
+
+            routed = RoutedCausalLM(self.model, decide=self.router.decider(PURE_ROUTER_P if routing_p is None
+                                                                             else routing_p))
+            model = routed
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        if branching:
+            seqs = self._eager(model, ids, mask, max_new_tokens, sampling, max_branches, branch_threshold,
+                               entropy_top_k, early_exit, confidence, answer_max_tokens, stop_at_answer_close)
+        elif early_exit:
+            seqs = self._lynx(model, ids, mask, max_new_tokens, sampling, confidence, answer_max_tokens,
+                              stop_at_answer_close)
+        else:
+            seqs = self._plain(model, ids, mask, max_new_tokens, sampling)
+        if routed is not None:
+            per_prompt = routed.prompt_layers_executed(len(prompts))
+            for s in seqs:
+                s.layers_executed = per_prompt[s.prompt_index]
+        return DecodeOutput(seqs, len(prompts), time.perf_counter() - start, settings)
+
+    # ------------------------------------------------------------------ the parts
+    def _eos(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+    def _pad(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else min(self._eos(), default=0)
+
+    def _sequence(self, prompt_index: int, response: list[int], **extra) -> DecodedSequence:
+        ids, reason = _trim(list(response), self._eos(), self._pad())
+        extra.setdefault("finish_reason", reason)
+        return DecodedSequence(prompt_index=prompt_index, token_ids=ids,
+                               text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                               layers_executed=self.num_layers, num_layers=self.num_layers, **extra)
+
+    def _plain(self, model, ids, mask, max_new_tokens, sampling) -> list[DecodedSequence]:
+        """HF ``generate`` (the routed wrapper has its own loop with the same sampling rules)."""
+        if model is self.model:
+            kwargs = dict(sampling) if sampling["do_sample"] else {"do_sample": False}
+            if not sampling["do_sample"]:  # generation_config's sampling fields would only warn here
+                kwargs.update(temperature=None, top_k=None, top_p=None)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self._pad(), **kwargs)
+            sequences = out[:, ids.shape[1]:].tolist()
+        else:
+            from probes.early_exit import lynx_generate
+
+            out = lynx_generate(model, self.tokenizer, ids, mask, max_new_tokens=max_new_tokens,
+                                pad_token_id=self._pad(), **sampling)
+            sequences = out.sequences[:, ids.shape[1]:].tolist()
+        return [self._sequence(i, r) for i, r in enumerate(sequences)]
+
+    def _lynx(self, model, ids, mask, max_new_tokens, sampling, confidence, answer_max_tokens,
+              stop_at_answer_close) -> list[DecodedSequence]:
+        from probes.early_exit import lynx_generate
+
+        out = lynx_generate(model, self.tokenizer, ids, mask, probe=self.probe, confidence=confidence,
+                            max_new_tokens=max_new_tokens, answer_max_tokens=answer_max_tokens,
+                            stop_at_answer_close=stop_at_answer_close, pad_token_id=self._pad(), **sampling)
+        seqs = []
+        for i, (row, st) in enumerate(zip(out.sequences[:, ids.shape[1]:].tolist(), out.stats)):
+            s = self._sequence(i, row[: st.new_tokens], exited=st.exited, exit_index=st.exit_index)
+            s.finish_reason = st.finish_reason
+            seqs.append(s)
+        return seqs
+
+    def _eager(self, model, ids, mask, max_new_tokens, sampling, max_branches, branch_threshold, entropy_top_k,
+               early_exit, confidence, answer_max_tokens, stop_at_answer_close) -> list[DecodedSequence]:
+        from algos.eager import EagerParams, eager_generate
+
+        if not sampling["do_sample"]:
+            raise DecoderError("branching samples its sequences: pass do_sample=True (and a temperature)")
+        params = EagerParams(max_sequences=max_branches, threshold=branch_threshold, entropy_top_k=entropy_top_k,
+                             max_new_tokens=max_new_tokens, temperature=sampling["temperature"],
+                             top_k=sampling["top_k"], top_p=sampling["top_p"], do_sample=True)
+        exits = None
+        if early_exit:
+            from probes.early_exit import ExitController
+
+            exits = ExitController(self.tokenizer, self.probe, confidence=confidence,
+                                   answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close,
+                                   num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size))
+        raw = eager_generate(model, ids, mask, params, self._eos(), exits=exits)
+        order = sorted(range(len(raw)), key=lambda i: (raw[i].prompt_index, i))
+        position = {old: new for new, old in enumerate(order)}
+        seqs = []
+        for old in order:
+            r = raw[old]
+            s = self._sequence(r.prompt_index, r.token_ids, parent=position.get(r.parent), fork_step=r.fork_step,
+                               exited=r.exited, exit_index=r.exit_index)
+            if r.finish_reason in ("answer_length", "answer_closed"):
+                s.finish_reason = r.finish_reason
+            seqs.append(s)
+        return seqs
+
+
+__all__ = ["DecodeOutput", "DecodedSequence", "DecoderError", "EfficientDecoder"]
