@@ -86,7 +86,7 @@ def export_bundle(policy: str, out: str | os.PathLike, probe: str | None = None,
         tmp.mkdir(parents=True)
         if keep_adapter and adapter is not None:
             adapter.save_pretrained(tmp / "adapter")
-            adapter.get_base_model().save_pretrained(tmp / "model")
+            adapter.unload().save_pretrained(tmp / "model")  # the base weights, LoRA layers taken out
         else:
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")

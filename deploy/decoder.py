@@ -117,6 +117,11 @@ class EfficientDecoder:
             path = str(Path(path) / parts["model"])
         model = load_causal_lm(path, dtype=dtype).to(device)
         tokenizer = load_tokenizer(path)
+        if manifest is not None and manifest["parts"].get("adapter"):  # kept LoRA adapter: merged in memory
+            from peft import PeftModel
+
+            adapter_dir = Path(path).parent / manifest["parts"]["adapter"]
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
         loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
         loaded_router = load_router(router, model, device=device)[0] if router else None

@@ -181,3 +181,20 @@ def test_missing_parts_are_one_line_errors(model, tok):
         decoder.generate(PROMPTS, routing=True)
     with pytest.raises(DecoderError, match="do_sample=True"):
         decoder.generate(PROMPTS, branching=True)
+
+
+def test_bundle_with_kept_adapter_decodes_as_the_lora_policy(tiny_model_path, tok, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from deploy.bundle import export_bundle
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    policy.save_pretrained(tmp_path / "adapter")
+    bundle = export_bundle(str(tmp_path / "adapter"), tmp_path / "bundle", keep_adapter=True)
+    decoder = EfficientDecoder.from_pretrained(str(bundle))
+    ids, mask = batch(tok)
+    expected = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
+    got = decoder.generate(PROMPTS, max_new_tokens=6).sequences
+    assert [s.token_ids for s in got] == [row[:s.num_tokens] for row, s in zip(expected, got)]

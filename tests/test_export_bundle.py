@@ -70,3 +70,29 @@ def test_tampered_bundle_is_detected_and_cli_errors_are_one_line(tiny_model_path
     run = subprocess.run([sys.executable, str(SCRIPT), "--policy", tiny_model_path, "--out", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "--overwrite" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_lora_policy_is_merged_or_kept(tiny_model_path, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.tensor([[1, 5, 9, 3]])
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_path)(ids).logits
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    expected = policy(ids).logits.detach()
+    assert not torch.allclose(expected, base_logits, atol=1e-4)  # the adapter changes the outputs
+    policy.save_pretrained(tmp_path / "adapter")
+
+    merged = export.export_bundle(str(tmp_path / "adapter"), tmp_path / "merged")
+    manifest = export.verify_bundle(merged)
+    assert manifest["lora_merged"] and manifest["parts"]["adapter"] is None
+    model = AutoModelForCausalLM.from_pretrained(merged / "model")
+    assert not any("lora" in name for name in model.state_dict())
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    kept = export.export_bundle(str(tmp_path / "adapter"), tmp_path / "kept", keep_adapter=True)
+    manifest = export.verify_bundle(kept)
+    assert not manifest["lora_merged"] and manifest["parts"]["adapter"] == "adapter"
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(kept / "model")(ids).logits, base_logits)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(kept / "model"), kept / "adapter")
+    torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
