@@ -404,9 +404,14 @@ class ExitController:
 
     @staticmethod
     def fork(state: ExitState) -> ExitState:
+        """An independent copy that shares the tokenizer and cue settings (a deep copy would copy the tokenizer)."""
         import copy
+        from dataclasses import replace
 
-        return copy.deepcopy(state)
+        detokenizer = copy.copy(state.detokenizer)
+        detokenizer.ids = list(detokenizer.ids)
+        return replace(state, detokenizer=detokenizer, detector=copy.copy(state.detector), queue=list(state.queue),
+                       brace_depth=list(state.brace_depth), scores=list(state.scores))
 
     @staticmethod
     def thinking(state: ExitState) -> bool:
