@@ -17,7 +17,8 @@ is its own module's decoder; this class only composes them:
 * ``branching``: :func:`algos.eager.eager_generate` (EAGER-init: branch where the top-K entropy
   exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt);
 * everything off: the model's own ``generate`` with the same sampling settings, so for the same
-  seed the output is exactly HF's.
+  seed the output is exactly HF's. Every part uses only the settings passed here: extra processors
+  in a checkpoint's ``generation_config`` (repetition penalty, ...) are not applied.
 """
 from __future__ import annotations
 
@@ -207,11 +208,12 @@ class EfficientDecoder:
     def _plain(self, model, ids, mask, max_new_tokens, sampling) -> list[DecodedSequence]:
         """HF ``generate`` (the routed wrapper has its own loop with the same sampling rules)."""
         if model is self.model:
-            kwargs = dict(sampling) if sampling["do_sample"] else {"do_sample": False}
-            if not sampling["do_sample"]:  # generation_config's sampling fields would only warn here
-                kwargs.update(temperature=None, top_k=None, top_p=None)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      pad_token_id=self._pad(), **kwargs)
+            from transformers import GenerationConfig
+
+            # only these settings, like the other parts (a checkpoint's repetition penalty etc. is not applied)
+            config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(self._eos()),
+                                      pad_token_id=self._pad(), **(sampling if sampling["do_sample"] else {}))
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             sequences = out[:, ids.shape[1]:].tolist()
         else:
             from probes.early_exit import lynx_generate
