@@ -89,13 +89,38 @@ def _trim(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], st
 class EfficientDecoder:
     """A policy with an optional LYNX probe and Dr.LLM router; see the module docstring."""
 
-    def __init__(self, model, tokenizer, probe=None, router=None, manifest: dict | None = None):
+    def __init__(self, model, tokenizer, probe=None, router=None, manifest: dict | None = None,
+                 router_p: float | None = None):
+        from routers.router import PURE_ROUTER_P
+
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.probe = probe
         self.router = router
         self.manifest = manifest
+        self.router_p = PURE_ROUTER_P if router_p is None else float(router_p)  # the router export's knob
         self.num_layers = int(model.config.num_hidden_layers)
+
+    def fingerprints(self) -> dict:
+        """Short sha256 of the model (a few weights), the probe and the router: what results depend on."""
+        import hashlib
+
+        from routers.export import model_fingerprint
+
+        def digest(tensors) -> str:
+            h = hashlib.sha256()
+            for t in tensors:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            return h.hexdigest()[:16]
+
+        probe = None
+        if self.probe is not None:
+            cal = self.probe.calibration
+            probe = digest(list(self.probe.probe.state_dict().values())
+                           + [torch.as_tensor(cal.safe_scores), torch.as_tensor(cal.continue_scores)])
+        return {"model": model_fingerprint(self.model), "probe": probe,
+                "router": digest(self.router.state_dict().values()) if self.router is not None else None,
+                "router_p": self.router_p if self.router is not None else None}
 
     @classmethod
     def from_pretrained(cls, path: str | None, probe: str | None = None, router: str | None = None,
@@ -125,8 +150,8 @@ class EfficientDecoder:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
         loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
-        loaded_router = load_router(router, model, device=device)[0] if router else None
-        return cls(model, tokenizer, loaded_probe, loaded_router, manifest)
+        loaded_router, router_meta = load_router(router, model, device=device) if router else (None, {})
+        return cls(model, tokenizer, loaded_probe, loaded_router, manifest, router_meta.get("p_default"))
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -140,7 +165,8 @@ class EfficientDecoder:
 
         Sampling settings are HF's (``do_sample``, ``temperature``, ``top_k`` 0 = off, ``top_p``);
         ``seed`` seeds torch's global generator first. ``confidence`` c = 1 - delta for the exit rule
-        (default: the probe's). ``routing_p``: the router's knob in [-1, 1] (default: router alone).
+        (default: the probe's). ``routing_p``: the router's knob in [-1, 1] (-0.5 = the router alone,
+        higher values blend toward executing every block; default: the value stored in the router export).
         ``max_branches`` / ``branch_threshold`` / ``entropy_top_k``: EAGER's M / theta (nats) / K.
         LYNX answers after an exit are greedy, at most ``answer_max_tokens`` (default: the probe's),
         and stop when the exit string's brace closes (``stop_at_answer_close``)."""
@@ -168,9 +194,8 @@ class EfficientDecoder:
         model, routed = self.model, None
         if routing:
             from routers.routed_lm import RoutedCausalLM
-            from routers.router import PURE_ROUTER_P
 
-            routed = RoutedCausalLM(self.model, decide=self.router.decider(PURE_ROUTER_P if routing_p is None
+            routed = RoutedCausalLM(self.model, decide=self.router.decider(self.router_p if routing_p is None
                                                                              else routing_p))
             model = routed
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -85,6 +85,8 @@ def parse_args(argv):
     a("--temperature", type=float, default=0.7, help="sampling temperature")
     a("--max_branches", type=int, default=8, help="EAGER: at most M sequences per problem")
     a("--branch_threshold", type=float, default=2.0, help="EAGER: branch where top-K entropy exceeds this (nats)")
+    a("--routing_p", type=float, default=None, help="Dr.LLM knob in [-1, 1]: -0.5 the router alone, higher blends "
+      "toward executing every block; unset: the value stored with the router")
     a("--batch_size", type=int, default=8, help="problems per generate call (and per resume step)")
     a("--seed", type=int, default=0, help="dataset seed; batch b is decoded with seed + b")
     a("--threads", type=int, default=None, help="torch CPU threads; unset: $REPRO_RL_NUM_THREADS, else torch's")
@@ -95,6 +97,8 @@ def parse_args(argv):
         args.configs = expand_configs(args.decoder, args.confidence)
     except EvalError as exc:
         ap.error(str(exc))
+    if args.routing_p is not None and not -1.0 <= args.routing_p <= 1.0:
+        ap.error(f"--routing_p must lie in [-1, 1], got {args.routing_p}")
     if min(args.num_samples, args.max_new_tokens, args.batch_size, args.max_branches) < 1 or args.temperature <= 0:
         ap.error("--num_samples, --max_new_tokens, --batch_size, --max_branches must be >= 1, --temperature > 0")
     return args
@@ -133,7 +137,7 @@ def generate_kwargs(config: dict, args) -> dict:
     eager = "eager" in parts
     return dict(early_exit="lynx" in parts, confidence=config["confidence"], routing="drllm" in parts, branching=eager,
                 max_new_tokens=args.max_new_tokens, do_sample=eager or args.do_sample, temperature=args.temperature,
-                max_branches=args.max_branches, branch_threshold=args.branch_threshold)
+                max_branches=args.max_branches, branch_threshold=args.branch_threshold, routing_p=args.routing_p)
 
 
 def load_problems(args) -> list[dict]:
@@ -165,6 +169,7 @@ def load_decoder(args):
 
 
 def result_settings(args) -> dict:
+    """Every option that affects results, with the loaded parts' fingerprints (args.fingerprints)."""
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
@@ -304,12 +309,18 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
     for family, marker in markers.items():
         mine = [r for r in rows if r["decoder"] == family]
         ax.scatter([r["tokens_mean"] for r in mine], [r["accuracy"] for r in mine], marker=marker, s=50, label=family)
+    at: dict[tuple, list[str]] = {}  # configurations on the same point share one label
     for r in rows:
-        ax.annotate(r["config"], (r["tokens_mean"], r["accuracy"]), xytext=(4, 4), textcoords="offset points",
-                    fontsize=7)
+        at.setdefault((round(r["tokens_mean"], 2), round(r["accuracy"], 3)), []).append(r["config"])
+    for (x, y), names in at.items():
+        ax.annotate(", ".join(names), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     front = pareto_front(rows)
-    ax.step([r["tokens_mean"] for r in front], [r["accuracy"] for r in front], where="post", color="grey",
-            alpha=0.6, label="Pareto frontier")
+    xs = [r["tokens_mean"] for r in front]
+    ax.step(xs + [max(r["tokens_mean"] for r in rows)], [r["accuracy"] for r in front] + [front[-1]["accuracy"]],
+            where="post", color="grey", alpha=0.6, label="Pareto frontier")
+    positive = [r["tokens_mean"] for r in rows if r["tokens_mean"] > 0]
+    if positive and max(positive) > 20 * min(positive):
+        ax.set_xscale("log")
     ax.set(xlabel="mean generated tokens per problem", ylabel="accuracy", ylim=(-0.03, 1.03),
            title="accuracy vs generated tokens")
     ax.legend(fontsize=7)
@@ -357,6 +368,7 @@ def prepare(args):
     prompts = [build_prompt(decoder.tokenizer, p["question"], args.prompt_template) for p in problems]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    args.fingerprints = decoder.fingerprints()  # another bundle in the same --output_dir is refused
     check_settings(out, result_settings(args), args.overwrite)
     (out / "samples").mkdir(exist_ok=True)
     return problems, prompts, decoder
