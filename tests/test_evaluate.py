@@ -124,6 +124,17 @@ def test_evaluate_all_decoders_then_resume_and_refuse(bundle, tmp_path, capsys, 
     calls.clear()
     assert evaluate.main(argv(bundle, out, "--decoder", "plain", "--max_new_tokens", "9", "--overwrite")) == 0
     assert calls == [4, 2] and not (out / "samples" / "eager.jsonl").exists()
+    capsys.readouterr()
+
+    # other weights under the same path in the same output_dir: refused by the model's fingerprint
+    from conftest import make_tiny_model
+
+    model_dir, out2 = str(make_tiny_model(tmp_path / "model", seed=0)), tmp_path / "eval2"
+    assert evaluate.main(argv(model_dir, out2, "--decoder", "plain")) == 0
+    make_tiny_model(tmp_path / "model", seed=1)
+    capsys.readouterr()
+    assert evaluate.main(argv(model_dir, out2, "--decoder", "plain")) == 2
+    assert "fingerprints" in one_line(capsys.readouterr().err)
 
 
 def test_bad_inputs_end_in_one_line(bundle, tiny_model_path, tmp_path, capsys):
