@@ -312,8 +312,11 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
     at: dict[tuple, list[str]] = {}  # configurations on the same point share one label
     for r in rows:
         at.setdefault((round(r["tokens_mean"], 2), round(r["accuracy"], 3)), []).append(r["config"])
-    for (x, y), names in at.items():
-        ax.annotate(", ".join(names), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    right = max(r["tokens_mean"] for r in rows)
+    for (x, y), names in at.items():  # labels of the rightmost points go to their left, inside the axes
+        left = x >= 0.5 * right and x > min(r["tokens_mean"] for r in rows)
+        ax.annotate("\n".join(names), (x, y), xytext=(-6 if left else 6, 4), textcoords="offset points", fontsize=7,
+                    ha="right" if left else "left", va="bottom")
     front = pareto_front(rows)
     xs = [r["tokens_mean"] for r in front]
     ax.step(xs + [max(r["tokens_mean"] for r in rows)], [r["accuracy"] for r in front] + [front[-1]["accuracy"]],
@@ -334,8 +337,10 @@ def plot_lengths(samples: dict[str, list[dict]], path: Path) -> Path:
     cols = min(len(samples), 4)
     rows = -(-len(samples) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharex=True)
+    longest = max((t for records in samples.values() for r in records for t in r["tokens"]), default=1)
+    bins = np.linspace(0, longest + 1, min(longest + 1, 32) + 1)  # the same bins in every panel
     for ax, (name, records) in zip(axes.flat, samples.items()):
-        ax.hist([t for r in records for t in r["tokens"]], bins=20, color="tab:blue", alpha=0.8)
+        ax.hist([t for r in records for t in r["tokens"]], bins=bins, color="tab:blue", alpha=0.8)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(samples):]:
