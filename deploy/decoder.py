@@ -132,6 +132,7 @@ class EfficientDecoder:
         from algos.models import load_causal_lm, load_tokenizer
         from deploy.bundle import MANIFEST, is_bundle, verify_bundle
         from probes.export import load_probe
+        from routers.export import META_FILE as ROUTER_META
         from routers.export import load_router
 
         manifest = None
@@ -150,6 +151,8 @@ class EfficientDecoder:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
         loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
+        if router and not Path(router, ROUTER_META).is_file() and Path(router, "router", ROUTER_META).is_file():
+            router = str(Path(router, "router"))  # a train/drllm_router.py output_dir holds the export in router/
         loaded_router, router_meta = load_router(router, model, device=device) if router else (None, {})
         return cls(model, tokenizer, loaded_probe, loaded_router, manifest, router_meta.get("p_default"))
 

@@ -151,6 +151,8 @@ def test_every_subset_from_a_bundle(tiny_model_path, model, tmp_path):
     bundle = export_bundle(tiny_model_path, tmp_path / "bundle", probe_dir, router_dir)
     decoder = EfficientDecoder.from_pretrained(str(bundle))
     assert decoder.probe is not None and decoder.router is not None
+    # a router job's output_dir (router/ inside) is accepted too
+    assert EfficientDecoder.from_pretrained(tiny_model_path, router=str(tmp_path)).router is not None
     for lynx in (False, True):
         for routing in (False, True):
             for branching in (False, True):
