@@ -313,10 +313,12 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
     for r in rows:
         at.setdefault((round(r["tokens_mean"], 2), round(r["accuracy"], 3)), []).append(r["config"])
     right = max(r["tokens_mean"] for r in rows)
-    for (x, y), names in at.items():  # labels of the rightmost points go to their left, inside the axes
+    # labels of the rightmost points go to their left (inside the axes); above and below alternate by x
+    for k, ((x, y), names) in enumerate(sorted(at.items())):
         left = x >= 0.5 * right and x > min(r["tokens_mean"] for r in rows)
-        ax.annotate("\n".join(names), (x, y), xytext=(-6 if left else 6, 4), textcoords="offset points", fontsize=7,
-                    ha="right" if left else "left", va="bottom")
+        ax.annotate("\n".join(names), (x, y), xytext=(-6 if left else 6, 5 if k % 2 == 0 else -5),
+                    textcoords="offset points", fontsize=7, ha="right" if left else "left",
+                    va="bottom" if k % 2 == 0 else "top")
     front = pareto_front(rows)
     xs = [r["tokens_mean"] for r in front]
     ax.step(xs + [max(r["tokens_mean"] for r in rows)], [r["accuracy"] for r in front] + [front[-1]["accuracy"]],
