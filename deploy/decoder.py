@@ -179,6 +179,10 @@ class EfficientDecoder:
             raise DecoderError("generate needs at least one prompt")
         if early_exit and self.probe is None:
             raise DecoderError("early_exit=True needs a LYNX probe: load a bundle with probe/ or pass probe=")
+        if early_exit and confidence is None and self.probe.default_confidence is None:
+            raise DecoderError("early_exit=True needs a confidence (the probe stores no default): pass confidence=0.95")
+        if early_exit and confidence is not None and not 0 < confidence < 1:
+            raise DecoderError(f"confidence must lie in (0, 1), got {confidence}")
         if routing and self.router is None:
             raise DecoderError("routing=True needs a Dr.LLM router: load a bundle with router/ or pass router=")
         if max_new_tokens < 1:
@@ -191,7 +195,8 @@ class EfficientDecoder:
         if seed is not None:
             torch.manual_seed(seed)
         start = time.perf_counter()
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
+                             add_special_tokens=False)
         device = next(self.model.parameters()).device
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         model, routed = self.model, None

@@ -183,6 +183,8 @@ def test_missing_parts_are_one_line_errors(model, tok):
         decoder.generate(PROMPTS, routing=True)
     with pytest.raises(DecoderError, match="do_sample=True"):
         decoder.generate(PROMPTS, branching=True)
+    with pytest.raises(DecoderError, match="needs a confidence"):
+        EfficientDecoder(model, tok, probe=always_exit_probe(model)).generate(PROMPTS, early_exit=True)
 
 
 def test_bundle_with_kept_adapter_decodes_as_the_lora_policy(tiny_model_path, tok, tmp_path):
