@@ -86,6 +86,19 @@ def _trim(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], st
     return ids, "length"
 
 
+def _concatenate(chunks: list[DecodeOutput], batch_size: int) -> DecodeOutput:
+    """One output from per-chunk outputs: prompt and parent indices shifted to the whole list."""
+    sequences, offset = [], 0
+    for k, chunk in enumerate(chunks):
+        shift = len(sequences)
+        for s in chunk.sequences:
+            s.prompt_index += k * batch_size
+            s.parent = None if s.parent is None else s.parent + shift
+            sequences.append(s)
+        offset += chunk.num_prompts
+    return DecodeOutput(sequences, offset, sum(c.seconds for c in chunks), chunks[0].settings)
+
+
 class EfficientDecoder:
     """A policy with an optional LYNX probe and Dr.LLM router; see the module docstring."""
 
@@ -163,7 +176,7 @@ class EfficientDecoder:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, routing_p: float | None = None, max_branches: int = 8,
                  branch_threshold: float = 2.0, entropy_top_k: int = 20, answer_max_tokens: int | None = None,
-                 stop_at_answer_close: bool = True) -> DecodeOutput:
+                 stop_at_answer_close: bool = True, batch_size: int | None = None) -> DecodeOutput:
         """Generate for every prompt with the chosen parts (see the module docstring).
 
         Sampling settings are HF's (``do_sample``, ``temperature``, ``top_k`` 0 = off, ``top_p``);
@@ -172,11 +185,23 @@ class EfficientDecoder:
         higher values blend toward executing every block; default: the value stored in the router export).
         ``max_branches`` / ``branch_threshold`` / ``entropy_top_k``: EAGER's M / theta (nats) / K.
         LYNX answers after an exit are greedy, at most ``answer_max_tokens`` (default: the probe's),
-        and stop when the exit string's brace closes (``stop_at_answer_close``)."""
+        and stop when the exit string's brace closes (``stop_at_answer_close``). ``batch_size``: decode
+        the prompts in chunks of this many (chunk k seeded with ``seed + k``); default: one batch."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise DecoderError("generate needs at least one prompt")
+        if batch_size is not None and batch_size < 1:
+            raise DecoderError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None and len(prompts) > batch_size:
+            options = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
+                           max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                           top_p=top_p, routing_p=routing_p, max_branches=max_branches,
+                           branch_threshold=branch_threshold, entropy_top_k=entropy_top_k,
+                           answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close)
+            chunks = [self.generate(prompts[start:start + batch_size], seed=None if seed is None else seed + k, **options)
+                      for k, start in enumerate(range(0, len(prompts), batch_size))]
+            return _concatenate(chunks, batch_size)
         if early_exit and self.probe is None:
             raise DecoderError("early_exit=True needs a LYNX probe: load a bundle with probe/ or pass probe=")
         if early_exit and confidence is None and self.probe.default_confidence is None:

@@ -202,3 +202,16 @@ def test_bundle_with_kept_adapter_decodes_as_the_lora_policy(tiny_model_path, to
                                pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
     got = decoder.generate(PROMPTS, max_new_tokens=6).sequences
     assert [s.token_ids for s in got] == [row[:s.num_tokens] for row, s in zip(expected, got)]
+
+
+def test_batch_size_splits_and_renumbers(model, tok):
+    decoder = EfficientDecoder(model, tok)
+    whole = decoder.generate(PROMPTS + PROMPTS[:1], max_new_tokens=6, batch_size=1)
+    single = [decoder.generate([p], max_new_tokens=6).sequences[0] for p in PROMPTS + PROMPTS[:1]]
+    assert [s.token_ids for s in whole.sequences] == [s.token_ids for s in single]
+    assert [s.prompt_index for s in whole.sequences] == [0, 1, 2] and whole.num_prompts == 3
+    branched = decoder.generate(PROMPTS, branching=True, do_sample=True, temperature=0.9, max_new_tokens=6,
+                                branch_threshold=0.5, max_branches=3, seed=0, batch_size=1)
+    assert any(s.parent is not None for s in branched.sequences if s.prompt_index == 1)
+    for i, s in enumerate(branched.sequences):  # parents point into the whole list, at the same prompt
+        assert s.parent is None or (s.parent < i and branched.sequences[s.parent].prompt_index == s.prompt_index)
