@@ -220,3 +220,32 @@ def test_eager_rollout_needs_a_group_algorithm():
 
     with pytest.raises(ConfigError, match="--rollout"):
         RLConfig(algorithm="ppo", rollout="eager").validate()
+
+
+def test_dynamic_threshold_hand_computed():
+    """theta_eff = max(theta, 99th percentile of the entropies seen); off or nothing seen: theta."""
+    seen = [float(v) for v in range(101)]                      # 0, 1, ..., 100: the 99th percentile is 99
+    assert eager_mod._effective_theta(2.0, seen, dynamic=True) == pytest.approx(99.0)
+    assert eager_mod._effective_theta(150.0, seen, dynamic=True) == 150.0
+    assert eager_mod._effective_theta(2.0, seen, dynamic=False) == 2.0
+    assert eager_mod._effective_theta(2.0, [], dynamic=True) == 2.0
+    # linear interpolation between order statistics: [1, 2, 3] -> 2 + 0.98 * (3 - 2)
+    assert eager_mod._effective_theta(0.0, [3.0, 1.0, 2.0], dynamic=True) == pytest.approx(2.98)
+
+
+def test_dynamic_threshold_holds_back_branching(tiny_model_path):
+    """theta = 0 branches at every step until the cap; with the dynamic threshold a row must beat
+    the 99th percentile of what its prompt has seen, so branching comes later and less often."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    tok = load_tokenizer(tiny_model_path)
+    enc = tok(["What is 2 + 2?", "Name a colour."], return_tensors="pt", padding=True, add_special_tokens=False)
+    early = {}
+    for dynamic in (False, True):
+        params = EagerParams(max_sequences=8, threshold=0.0, max_new_tokens=12, temperature=0.9, dynamic_threshold=dynamic)
+        torch.manual_seed(0)
+        seqs = eager_generate(model, enc["input_ids"], enc["attention_mask"], params, [tok.eos_token_id])
+        forks = [s.fork_step for s in seqs if s.fork_step is not None]
+        early[dynamic] = sum(step <= 2 for step in forks)    # forks in the first three steps
+        assert forks.count(0) == 2                           # step 0: nothing seen yet, so theta = 0 for both
+    assert early[False] == 14                                # 1 -> 2 -> 4 -> 8 sequences per prompt
+    assert early[True] < early[False]
