@@ -17,6 +17,13 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class RunTracker:
     """Writes scalar metrics and sample tables; only the main process should create one."""
 
@@ -40,6 +47,20 @@ class RunTracker:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+
+    def keep_until(self, step: int) -> None:
+        """Keep only the metric and completion lines of steps <= ``step`` (-1: none), so a fresh
+        run in an old output_dir, or a resumed one, does not mix in lines from another run."""
+        for name in ("metrics_file", "samples_file"):
+            handle = getattr(self, name)
+            handle.close()
+            path = Path(handle.name)
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if _line_step(line) is not None and _line_step(line) <= step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            setattr(self, name, open(path, "a"))
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}

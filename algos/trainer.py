@@ -551,10 +551,14 @@ class RLTrainer:
         if checkpoint is None:
             if c.resume_from_checkpoint:
                 self.log_main(f"[repro-rl] no checkpoint in {c.output_dir}: starting from step 0")
+            if self.tracker:  # a fresh run: metrics.jsonl / completions.jsonl start empty
+                self.tracker.keep_until(-1)
             return
         self.accelerator.load_state(str(checkpoint / "trainer_state"))
         state = load_trainer_state(checkpoint)
         self.step, self.prompts_consumed = state["step"], state["prompts_consumed"]
+        if self.tracker:  # lines logged after the checkpoint by the interrupted run are dropped
+            self.tracker.keep_until(self.step)
         self.log_main(f"[repro-rl] resumed from {checkpoint} at step {self.step}")
 
     def log_samples(self, step: int) -> None:

@@ -79,18 +79,29 @@ def test_resume_reproduces_uninterrupted_run(tiny_model_path, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    # the interrupted run had logged steps 1-4; the resumed run keeps steps 1-2 and logs 3-4 once
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
     RLTrainer(make_config(tiny_model_path, resumed, max_steps=4, save_steps=2,
                           steps_per_generation=2, per_device_train_batch_size=4,
                           resume_from_checkpoint="latest")).train()
-    expected = {m["step"]: m for m in read_metrics(full) if "loss/policy" in m and m["step"] > 2}
+    expected = {m["step"]: m for m in read_metrics(full) if "loss/policy" in m}
     got = {m["step"]: m for m in read_metrics(resumed) if "loss/policy" in m}
-    assert sorted(got) == [3, 4]
+    assert [m["step"] for m in read_metrics(resumed) if "loss/policy" in m] == [1, 2, 3, 4]
+    assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in ("reward/mean", "loss/policy", "completion_length/mean", "grad_norm", "entropy"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), key
     a, b = weights(full / "final"), weights(resumed / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_fresh_run_in_an_old_output_dir_starts_new_logs(tiny_model_path, tmp_path):
+    for _ in range(2):
+        RLTrainer(make_config(tiny_model_path, tmp_path, max_steps=2, log_completions_steps=1)).train()
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss/policy" in m] == [1, 2]
+    samples = [json.loads(line)["step"] for line in open(tmp_path / "completions.jsonl")]
+    assert samples and sorted(set(samples)) == [1, 2] and samples == sorted(samples)
 
 
 def test_checkpoints_rotate_and_partial_saves_are_ignored(tiny_model_path, tmp_path):
