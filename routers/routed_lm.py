@@ -43,6 +43,9 @@ class RoutedCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, past_key_values: PathCache | None = None,
                 use_cache: bool = True, logits_to_keep: int = 0, output_hidden_states: bool = False,
                 **unused) -> CausalLMOutputWithPast:
+        ignored = {k for k, v in unused.items() if v is not None and k not in ("return_dict", "cache_position")}
+        if ignored:
+            raise TypeError(f"RoutedCausalLM.forward does not support {sorted(ignored)}")
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache()
