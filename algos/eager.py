@@ -184,7 +184,6 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         new_rows, new_tokens = [], []
         for r, s in enumerate(rows):
             _append(seqs[s], token_list[r], chosen_logp[r], entropy_list[r], end_think)
-        first_child = len(seqs)
         for r, tok in children:
             parent = seqs[rows[r]]
             child = EagerSequence(prompt_index=parent.prompt_index, token_ids=parent.token_ids[:-1],
@@ -198,8 +197,8 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         parent_row = list(range(len(prompt_of_row))) + [r for r, _ in children]
         done: dict[int, str] = {}
         if exits is not None:  # children were forked from their parent's state before this token
-            for i, s in enumerate(rows):
-                reason = exits.push(seqs[s].exit_state, token_list[i], i in forced and s < first_child)
+            for i, s in enumerate(rows):  # (children never take forced tokens: exited rows do not branch)
+                reason = exits.push(seqs[s].exit_state, token_list[i], i in forced)
                 if reason:
                     done[i] = reason
         for i, s in enumerate(rows):
@@ -241,14 +240,16 @@ def _score_cues(exits, out, seqs: list[EagerSequence], rows: list[int], mask: to
         return mask, logits
     features = torch.cat([out.hidden_states[layer][pending, -1] for layer in exits.layers], dim=-1).float()
     decisions = exits.decide([seqs[rows[r]].exit_state for r in pending], features)
-    for r, leave in zip(pending, decisions):
-        if leave:
-            seq = seqs[rows[r]]
-            seq.exited, seq.exit_index, seq.left_thinking = True, len(seq.token_ids) - 1, True
-            del seq.token_ids[-1], seq.logprobs[-1], seq.entropies[-1]
-            mask, logits = mask.clone(), logits.clone()
-            mask[r, -1] = 0
-            logits[r] = previous[r]
+    leaving = [r for r, leave in zip(pending, decisions) if leave]
+    if not leaving:
+        return mask, logits
+    for r in leaving:
+        seq = seqs[rows[r]]
+        seq.exited, seq.exit_index, seq.left_thinking = True, len(seq.token_ids) - 1, True
+        del seq.token_ids[-1], seq.logprobs[-1], seq.entropies[-1]
+    mask, logits = mask.clone(), logits.clone()
+    mask[leaving, -1] = 0
+    logits[leaving] = previous[leaving]
     return mask, logits
 
 

@@ -56,7 +56,7 @@ class RunTracker:
             handle.close()
             path = Path(handle.name)
             kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if _line_step(line) is not None and _line_step(line) <= step]
+                    if (line_step := _line_step(line)) is not None and line_step <= step]
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)

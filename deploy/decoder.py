@@ -86,17 +86,17 @@ def _trim(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], st
     return ids, "length"
 
 
-def _concatenate(chunks: list[DecodeOutput], batch_size: int) -> DecodeOutput:
+def _concatenate(chunks: list[DecodeOutput]) -> DecodeOutput:
     """One output from per-chunk outputs: prompt and parent indices shifted to the whole list."""
-    sequences, offset = [], 0
-    for k, chunk in enumerate(chunks):
+    sequences, prompts = [], 0
+    for chunk in chunks:
         shift = len(sequences)
         for s in chunk.sequences:
-            s.prompt_index += k * batch_size
+            s.prompt_index += prompts
             s.parent = None if s.parent is None else s.parent + shift
             sequences.append(s)
-        offset += chunk.num_prompts
-    return DecodeOutput(sequences, offset, sum(c.seconds for c in chunks), chunks[0].settings)
+        prompts += chunk.num_prompts
+    return DecodeOutput(sequences, prompts, sum(c.seconds for c in chunks), chunks[0].settings)
 
 
 class EfficientDecoder:
@@ -113,26 +113,23 @@ class EfficientDecoder:
         self.manifest = manifest
         self.router_p = PURE_ROUTER_P if router_p is None else float(router_p)  # the router export's knob
         self.num_layers = int(model.config.num_hidden_layers)
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
 
     def fingerprints(self) -> dict:
         """Short sha256 of the model (a few weights), the probe and the router: what results depend on."""
-        import hashlib
-
-        from routers.export import model_fingerprint
-
-        def digest(tensors) -> str:
-            h = hashlib.sha256()
-            for t in tensors:
-                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            return h.hexdigest()[:16]
+        from routers.export import model_fingerprint, tensor_digest
 
         probe = None
         if self.probe is not None:
             cal = self.probe.calibration
-            probe = digest(list(self.probe.probe.state_dict().values())
-                           + [torch.as_tensor(cal.safe_scores), torch.as_tensor(cal.continue_scores)])
+            probe = tensor_digest(list(self.probe.probe.state_dict().values())
+                                  + [torch.as_tensor(cal.safe_scores), torch.as_tensor(cal.continue_scores)])
         return {"model": model_fingerprint(self.model), "probe": probe,
-                "router": digest(self.router.state_dict().values()) if self.router is not None else None,
+                "router": tensor_digest(self.router.state_dict().values()) if self.router is not None else None,
                 "router_p": self.router_p if self.router is not None else None}
 
     @classmethod
@@ -193,15 +190,15 @@ class EfficientDecoder:
             raise DecoderError("generate needs at least one prompt")
         if batch_size is not None and batch_size < 1:
             raise DecoderError(f"batch_size must be >= 1, got {batch_size}")
+        options = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
+                       max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                       top_p=top_p, routing_p=routing_p, max_branches=max_branches, branch_threshold=branch_threshold,
+                       entropy_top_k=entropy_top_k, answer_max_tokens=answer_max_tokens,
+                       stop_at_answer_close=stop_at_answer_close)
         if batch_size is not None and len(prompts) > batch_size:
-            options = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
-                           max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                           top_p=top_p, routing_p=routing_p, max_branches=max_branches,
-                           branch_threshold=branch_threshold, entropy_top_k=entropy_top_k,
-                           answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close)
             chunks = [self.generate(prompts[start:start + batch_size], seed=None if seed is None else seed + k, **options)
                       for k, start in enumerate(range(0, len(prompts), batch_size))]
-            return _concatenate(chunks, batch_size)
+            return _concatenate(chunks)
         if early_exit and self.probe is None:
             raise DecoderError("early_exit=True needs a LYNX probe: load a bundle with probe/ or pass probe=")
         if early_exit and confidence is None and self.probe.default_confidence is None:
@@ -214,9 +211,7 @@ class EfficientDecoder:
             raise DecoderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise DecoderError(f"temperature must be > 0 when sampling, got {temperature}")
-        settings = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
-                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed)
+        settings = {**options, "seed": seed}
         if seed is not None:
             torch.manual_seed(seed)
         start = time.perf_counter()
@@ -247,17 +242,8 @@ class EfficientDecoder:
         return DecodeOutput(seqs, len(prompts), time.perf_counter() - start, settings)
 
     # ------------------------------------------------------------------ the parts
-    def _eos(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-
-    def _pad(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad) if pad is not None else min(self._eos(), default=0)
-
     def _sequence(self, prompt_index: int, response: list[int], **extra) -> DecodedSequence:
-        ids, reason = _trim(list(response), self._eos(), self._pad())
+        ids, reason = _trim(list(response), self.eos_ids, self.pad_id)
         extra.setdefault("finish_reason", reason)
         return DecodedSequence(prompt_index=prompt_index, token_ids=ids,
                                text=self.tokenizer.decode(ids, skip_special_tokens=True),
@@ -269,15 +255,15 @@ class EfficientDecoder:
             from transformers import GenerationConfig
 
             # only these settings, like the other parts (a checkpoint's repetition penalty etc. is not applied)
-            config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(self._eos()),
-                                      pad_token_id=self._pad(), **(sampling if sampling["do_sample"] else {}))
+            config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(self.eos_ids),
+                                      pad_token_id=self.pad_id, **(sampling if sampling["do_sample"] else {}))
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             sequences = out[:, ids.shape[1]:].tolist()
         else:
             from probes.early_exit import lynx_generate
 
             out = lynx_generate(model, self.tokenizer, ids, mask, max_new_tokens=max_new_tokens,
-                                pad_token_id=self._pad(), **sampling)
+                                pad_token_id=self.pad_id, **sampling)
             sequences = out.sequences[:, ids.shape[1]:].tolist()
         return [self._sequence(i, r) for i, r in enumerate(sequences)]
 
@@ -287,7 +273,7 @@ class EfficientDecoder:
 
         out = lynx_generate(model, self.tokenizer, ids, mask, probe=self.probe, confidence=confidence,
                             max_new_tokens=max_new_tokens, answer_max_tokens=answer_max_tokens,
-                            stop_at_answer_close=stop_at_answer_close, pad_token_id=self._pad(), **sampling)
+                            stop_at_answer_close=stop_at_answer_close, pad_token_id=self.pad_id, **sampling)
         seqs = []
         for i, (row, st) in enumerate(zip(out.sequences[:, ids.shape[1]:].tolist(), out.stats)):
             s = self._sequence(i, row[: st.new_tokens], exited=st.exited, exit_index=st.exit_index)
@@ -311,7 +297,7 @@ class EfficientDecoder:
             exits = ExitController(self.tokenizer, self.probe, confidence=confidence,
                                    answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close,
                                    num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size))
-        raw = eager_generate(model, ids, mask, params, self._eos(), exits=exits)
+        raw = eager_generate(model, ids, mask, params, self.eos_ids, exits=exits)
         order = sorted(range(len(raw)), key=lambda i: (raw[i].prompt_index, i))
         position = {old: new for new, old in enumerate(order)}
         seqs = []

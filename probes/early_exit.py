@@ -32,8 +32,9 @@ applied: pass sampling settings as arguments.
 """
 from __future__ import annotations
 
+import copy
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -139,6 +140,15 @@ def _select(logits, do_sample, temperature, top_k, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_probe_fits(layers, probe_dim: int | None, num_layers: int, hidden_size: int) -> None:
+    """ValueError (one line) unless the hidden-state ``layers`` exist and give ``probe_dim`` features."""
+    if any(not 0 <= layer <= num_layers for layer in layers):
+        raise ValueError(f"probe layers {tuple(layers)} out of range for a model with {num_layers} layers")
+    if probe_dim is not None and probe_dim != len(layers) * hidden_size:
+        raise ValueError(f"the probe takes {probe_dim} features but {len(layers)} layers of this model "
+                         f"give {len(layers) * hidden_size}; use the probe's own model")
+
+
 def _closes(tokenizer, token_id: int, depth: list[int], row: int) -> bool:
     """Track the brace depth of a row's answer; True once the exit string's braces are closed."""
     for ch in tokenizer.decode([token_id], skip_special_tokens=True):
@@ -194,13 +204,8 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
     exit_ids = tokenizer(exit_string or "", add_special_tokens=False)["input_ids"] if exit_string else []
     if not isinstance(policy, NeverExit) and not exit_ids:
         raise ValueError("an exit policy needs a non-empty exit_string (e.g. '</think> Final Answer: \\boxed{')")
-    n_layers = model.config.num_hidden_layers
-    if any(not 0 <= layer <= n_layers for layer in policy.layers):
-        raise ValueError(f"probe layers {policy.layers} out of range for a model with {n_layers} layers")
-    probe_dim = getattr(getattr(policy, "probe", None), "input_dim", None)
-    if probe_dim is not None and probe_dim != len(policy.layers) * model.config.hidden_size:
-        raise ValueError(f"the probe takes {probe_dim} features but {len(policy.layers)} layers of this model "
-                         f"give {len(policy.layers) * model.config.hidden_size}; use the probe's own model")
+    check_probe_fits(policy.layers, getattr(getattr(policy, "probe", None), "input_dim", None),
+                     model.config.num_hidden_layers, model.config.hidden_size)
 
     device = next(model.parameters()).device
     input_ids = torch.as_tensor(input_ids, device=device)
@@ -380,16 +385,12 @@ class ExitController:
     the answer greedily for at most ``answer_max_tokens`` tokens or until the exit string's braces
     close. States are copied when a sequence forks (:meth:`fork`)."""
 
-    def __init__(self, tokenizer, probe, confidence: float | None = None, answer_max_tokens: int | None = None,
-                 stop_at_answer_close: bool = True, num_layers: int | None = None, hidden_size: int | None = None):
+    def __init__(self, tokenizer, probe, num_layers: int, hidden_size: int, confidence: float | None = None,
+                 answer_max_tokens: int | None = None, stop_at_answer_close: bool = True):
         self.tokenizer = tokenizer
         self.policy = ProbeExitPolicy.from_bundle(probe, confidence)
         self.layers = self.policy.layers
-        if num_layers is not None and any(not 0 <= layer <= num_layers for layer in self.layers):
-            raise ValueError(f"probe layers {self.layers} out of range for a model with {num_layers} layers")
-        if hidden_size is not None and probe.probe.input_dim != len(self.layers) * hidden_size:
-            raise ValueError(f"the probe takes {probe.probe.input_dim} features but this model gives "
-                             f"{len(self.layers) * hidden_size}; use the probe's own model")
+        check_probe_fits(self.layers, probe.probe.input_dim, num_layers, hidden_size)
         self.cue_config = probe.cue_config
         self.exit_ids = tokenizer(probe.exit_string, add_special_tokens=False)["input_ids"]
         if not self.exit_ids:
@@ -405,9 +406,6 @@ class ExitController:
     @staticmethod
     def fork(state: ExitState) -> ExitState:
         """An independent copy that shares the tokenizer and cue settings (a deep copy would copy the tokenizer)."""
-        import copy
-        from dataclasses import replace
-
         detokenizer = copy.copy(state.detokenizer)
         detokenizer.ids = list(detokenizer.ids)
         return replace(state, detokenizer=detokenizer, detector=copy.copy(state.detector), queue=list(state.queue),

@@ -27,15 +27,19 @@ META_FILE = "router.json"
 _STRUCTURAL_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
 
 
-def model_fingerprint(model) -> str:
-    """sha256 (16 hex) of a few base weights: final norm, first embedding rows, block 0's norm.
-    Two models with the same shapes but different weights get different fingerprints."""
-    body = model.model
-    parts = [body.norm.weight, body.embed_tokens.weight[:4], body.layers[0].input_layernorm.weight]
+def tensor_digest(tensors) -> str:
+    """sha256 (16 hex) of the tensors' float32 bytes, in order."""
     digest = hashlib.sha256()
-    for t in parts:
+    for t in tensors:
         digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """:func:`tensor_digest` of a few base weights: final norm, first embedding rows, block 0's norm.
+    Two models with the same shapes but different weights get different fingerprints."""
+    body = model.model
+    return tensor_digest([body.norm.weight, body.embed_tokens.weight[:4], body.layers[0].input_layernorm.weight])
 
 
 def base_identity(model) -> dict:

@@ -94,17 +94,17 @@ class PathCache(Cache):
         index = index.to(device=table.device, dtype=torch.long)
         new_table = table.index_select(0, index)
         new_plan = row_plan(new_table)
-        all_rows = torch.arange(table.shape[0], device=table.device)
         for layer in range(self.num_blocks):
             for pass_idx in range(REPEAT):
                 old_rows, new_rows = plan[layer][pass_idx], new_plan[layer][pass_idx]
                 if old_rows is False or new_rows is False:  # unused before (so now), or no longer used
                     continue
-                position = all_rows.clone()
-                if old_rows is not None:  # old batch row -> its position inside the slot
+                wanted = index if new_rows is None else index[new_rows]  # old batch rows, in new order
+                if old_rows is not None:  # a slot of some rows: old batch row -> its position in the slot
+                    position = torch.empty(table.shape[0], dtype=torch.long, device=table.device)
                     position[old_rows] = torch.arange(len(old_rows), device=table.device)
-                wanted = index if new_rows is None else index[new_rows]
-                self.layers[self.slot(layer, pass_idx)].reorder_cache(position[wanted])
+                    wanted = position[wanted]
+                self.layers[self.slot(layer, pass_idx)].reorder_cache(wanted)
         self.plan = (new_table, new_plan)
 
 

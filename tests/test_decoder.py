@@ -117,7 +117,7 @@ def test_lynx_exits_inside_eager_roll_back_the_cue(model, tok):
     log-probs equal a fresh forward over exactly those tokens (the cue token left the context)."""
     ids, mask = batch(tok)
     probe = always_exit_probe(model)
-    exits = ExitController(tok, probe, confidence=0.9, num_layers=2, hidden_size=model.config.hidden_size)
+    exits = ExitController(tok, probe, num_layers=2, hidden_size=model.config.hidden_size, confidence=0.9)
     params = EagerParams(max_sequences=3, threshold=0.5, entropy_top_k=5, max_new_tokens=12, temperature=0.9)
     torch.manual_seed(1)
     seqs = eager_generate(model, ids, mask, params, [tok.eos_token_id], exits=exits)
