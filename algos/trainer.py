@@ -206,7 +206,7 @@ class RLTrainer:
             print(text, flush=True)
 
     def _eager_engine(self, sampling: SamplingParams):
-        from algos.eager_engine import EagerEngine, EagerSettings
+        from algos.rollout.eager_engine import EagerEngine, EagerSettings
 
         c = self.config
         settings = EagerSettings(mode=c.eager_mode, threshold=c.eager_threshold,

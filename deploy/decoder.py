@@ -14,7 +14,7 @@ is its own module's decoder; this class only composes them:
 * ``early_exit``: :func:`probes.early_exit.lynx_generate` (probe + split-conformal rule at
   ``confidence`` c = 1 - delta); with ``branching`` too, every EAGER sequence carries its own LYNX
   exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop;
-* ``branching``: :func:`algos.eager.eager_generate` (EAGER-init: branch where the top-K entropy
+* ``branching``: :func:`algos.rollout.eager.eager_generate` (EAGER-init: branch where the top-K entropy
   exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt);
 * everything off: the model's own ``generate`` with the same sampling settings, so for the same
   seed the output is exactly HF's. Every part uses only the settings passed here: extra processors
@@ -283,7 +283,7 @@ class EfficientDecoder:
 
     def _eager(self, model, ids, mask, max_new_tokens, sampling, max_branches, branch_threshold, entropy_top_k,
                early_exit, confidence, answer_max_tokens, stop_at_answer_close) -> list[DecodedSequence]:
-        from algos.eager import EagerParams, eager_generate
+        from algos.rollout.eager import EagerParams, eager_generate
 
         if not sampling["do_sample"]:
             raise DecoderError("branching samples its sequences: pass do_sample=True (and a temperature)")

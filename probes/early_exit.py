@@ -377,7 +377,7 @@ class ExitState:
 
 
 class ExitController:
-    """LYNX exits for decoding loops that own their rows (``algos.eager.eager_generate``).
+    """LYNX exits for decoding loops that own their rows (``algos.rollout.eager.eager_generate``).
 
     The same rule as :func:`lynx_generate`: a cue-completing token's hidden states at the probe's
     layers are scored after its forward pass; on exit the loop rolls that token back (masks its

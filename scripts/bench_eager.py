@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from algos.data import DEFAULT_PROMPT_TEMPLATE, ArithmeticTask, build_prompt, load_records  # noqa: E402
-from algos.eager import EagerParams, eager_generate  # noqa: E402
-from algos.eager_budget import eager_sample  # noqa: E402
-from algos.eager_engine import end_think_ids  # noqa: E402
+from algos.rollout.eager import EagerParams, eager_generate  # noqa: E402
+from algos.rollout.eager_budget import eager_sample  # noqa: E402
+from algos.rollout.eager_engine import end_think_ids  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from rewards.metrics import sample_metrics  # noqa: E402
 from rewards.verify import is_correct  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from algos.eager import EagerParams, eager_generate
+from algos.rollout.eager import EagerParams, eager_generate
 from algos.models import load_tokenizer
 from deploy.decoder import DecoderError, EfficientDecoder
 from probes.conformal import ConformalCalibration

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import algos.eager as eager_mod
-from algos.eager import EagerParams, eager_generate, topk_entropy
-from algos.eager_budget import eager_sample, retry_threshold, split_budget
-from algos.eager_engine import EagerEngine, EagerSettings
+import algos.rollout.eager as eager_mod
+from algos.rollout.eager import EagerParams, eager_generate, topk_entropy
+from algos.rollout.eager_budget import eager_sample, retry_threshold, split_budget
+from algos.rollout.eager_engine import EagerEngine, EagerSettings
 from algos.logprobs import logprobs_from_logits
 from algos.models import load_tokenizer
 from algos.rollout import SamplingParams

@@ -16,7 +16,7 @@ from algos.data import build_prompt
 from algos.logprobs import entropy_from_logits, logprobs_from_logits
 from algos.models import load_causal_lm, load_tokenizer
 from algos.rollout import HFGenerateEngine, SamplingParams
-from algos.sampler import sample_dropping_finished
+from algos.rollout.sampler import sample_dropping_finished
 from algos.trainer import RLTrainer, length_buckets, position_ids_from_mask, trim_padding
 
 REWARDS = str(Path(__file__).parent / "rewards_for_tests.py")
@@ -49,9 +49,9 @@ def test_sampler_draws_what_generate_draws(tiny, monkeypatch):
     """With generate's multinomial draw and the same seed: the same tokens and (to float rounding)
     log-probs and entropies as model.generate + BehaviourStats (shared prefill included), up to
     the first step at which some row finished."""
-    import algos.sampler
+    import algos.rollout.sampler
 
-    monkeypatch.setattr(algos.sampler, "draw_token", lambda probs: torch.multinomial(probs, 1).squeeze(1))
+    monkeypatch.setattr(algos.rollout.sampler, "draw_token", lambda probs: torch.multinomial(probs, 1).squeeze(1))
     tok, model, prompts = tiny
     old, new = rollout(tok, model, prompts, False), rollout(tok, model, prompts, True)
     finished = (old.response_mask == 0).any(dim=0).nonzero()
@@ -64,7 +64,7 @@ def test_sampler_draws_what_generate_draws(tiny, monkeypatch):
 
 
 def test_inverse_cdf_draws_follow_the_distribution():
-    from algos.sampler import draw_token
+    from algos.rollout.sampler import draw_token
 
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
     torch.manual_seed(0)
@@ -156,9 +156,9 @@ def test_training_step_numbers_match_generate_rollout(tiny_model_path, tmp_path,
     """One step from the same seed with our sampler (multinomial draw) and with model.generate:
     same rollout (no early finish in 8 tokens of a random model), so the same rewards,
     advantages, losses."""
-    import algos.sampler
+    import algos.rollout.sampler
 
-    monkeypatch.setattr(algos.sampler, "draw_token", lambda probs: torch.multinomial(probs, 1).squeeze(1))
+    monkeypatch.setattr(algos.rollout.sampler, "draw_token", lambda probs: torch.multinomial(probs, 1).squeeze(1))
     a, ma = one_step(tiny_model_path, tmp_path / "a", drop_finished_sequences=True)
     b, mb = one_step(tiny_model_path, tmp_path / "b", drop_finished_sequences=False)
     assert torch.equal(a._last_batch.response_ids, b._last_batch.response_ids)

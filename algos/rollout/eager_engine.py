@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from algos.batch import RolloutBatch
-from algos.eager import EagerParams
-from algos.eager_budget import eager_sample
+from algos.rollout.eager import EagerParams
+from algos.rollout.eager_budget import eager_sample
 from algos.rollout import HFGenerateEngine, SamplingParams
 
 # (prompt, completions, completion token ids, the prompt's extras) -> correct per completion

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from algos.eager import EagerParams, EagerSequence, eager_generate
+from algos.rollout.eager import EagerParams, EagerSequence, eager_generate
 
 MODES = ("init", "adapt", "full", "parallel")
 

@@ -3,7 +3,7 @@
 ``model.generate`` keeps every row until the longest one ends (a finished row keeps being fed
 pad tokens), so with completions of mixed lengths most decode FLOPs go to rows that are done.
 Here a row leaves the batch at its EOS: its KV-cache rows are dropped with one
-``index_select`` per layer (``DynamicCache.reorder_cache``), as ``algos.eager`` does. The G
+``index_select`` per layer (``DynamicCache.reorder_cache``), as ``algos.rollout.eager`` does. The G
 completions of a prompt share one prefill: the prompt runs once and its cache rows are copied.
 
 Per step, from the logits z of the live rows (temperature T, optional top-k / top-p truncation):
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+from algos.rollout.base import mask_top_k_top_p
 
 __all__ = ["sample_dropping_finished", "draw_token"]
 
@@ -49,8 +51,6 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
     response: responses are right-padded with ``pad_id`` after their EOS, and the two float32
     tensors are 0 past each row's EOS.
     """
-    from algos.rollout import mask_top_k_top_p  # rollout imports this module
-
     batch, device = input_ids.shape[0] * repeats, input_ids.device
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)

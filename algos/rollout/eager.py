@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from algos.rollout import mask_top_k_top_p
+from algos.rollout.base import mask_top_k_top_p
 
 
 @dataclass
