@@ -88,6 +88,25 @@ class RLConfig:
                       "'eager' (EAGER entropy-aware branching: a variable number of completions per prompt, "
                       "at most num_generations before reallocation; grpo and reinforce_pp_baseline only).",
                       choices=("hf", "eager"))
+    use_vllm: bool = _f(False, "Sample rollouts (and held-out evaluation) with a colocated vLLM engine, "
+                        "weight-synced from the policy before each rollout (pip install -e .[vllm]).")
+    vllm_mode: str = _f("colocate", "vLLM integration: 'colocate' (one engine inside each training process, "
+                        "tensor parallel 1). 'server' is not supported.", choices=("colocate", "server"))
+    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for weights and KV cache "
+                                            "(CUDA; on CPU the KV cache is sized for one full batch).")
+    vllm_enable_sleep_mode: bool = _f(False, "vLLM: free the KV cache and offload weights during the "
+                                      "update, wake before the next rollout (CUDA only; ignored on CPU).")
+    vllm_max_model_len: int = _f(0, "vLLM: context length (0: max_prompt_length + max_completion_length).")
+    vllm_dtype: str = _f("auto", "vLLM weights and activations: auto (bfloat16 with --bf16, else float32), "
+                         "bfloat16 or float32.", choices=("auto", "bfloat16", "float32"))
+    vllm_importance_sampling_correction: bool = _f(True, "With vLLM: weight the policy loss by the truncated "
+                                                   "importance ratio pi_train / pi_vllm of the sampled tokens.")
+    vllm_importance_sampling_mode: str = _f("token_truncate", "How the ratio is formed and capped: "
+                                            "token_truncate, token_mask, sequence_truncate, sequence_mask.",
+                                            choices=("token_truncate", "token_mask", "sequence_truncate",
+                                                     "sequence_mask"))
+    vllm_importance_sampling_cap: float = _f(3.0, "Cap C of the importance ratio (truncate: min(r, C); "
+                                             "mask: 0 where r > C).")
     eager_mode: str = _f("full", "EAGER: 'init' (branching only), 'adapt' (spare budget to prompts that hit "
                          "the cap) or 'full' (spare budget to groups with no correct completion; the reward "
                          "stack is the verifier).", choices=("init", "adapt", "full"))
@@ -257,6 +276,16 @@ class RLConfig:
             bad("repro_micro_batch_size", "must be >= 1")
         if "{answer}" not in self.repro_answer_template:
             bad("repro_answer_template", "must contain {answer}")
+        if self.use_vllm and self.rollout == "eager":
+            bad("rollout", "EAGER branches inside our own decoder; it cannot run on vLLM: drop --use_vllm")
+        if self.use_vllm and self.vllm_mode != "colocate":
+            bad("vllm_mode", "only 'colocate' is supported (one engine inside each training process)")
+        if self.vllm_importance_sampling_cap <= 0:
+            bad("vllm_importance_sampling_cap", "must be > 0")
+        if self.vllm_max_model_len < 0:
+            bad("vllm_max_model_len", "must be >= 0 (0: prompt + completion length)")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            bad("vllm_gpu_memory_utilization", "must be in (0, 1]")
         if self.use_peft and self.lora_r < 1:
             bad("lora_r", "must be >= 1")
         if self.algorithm == "ppo" and self.use_peft:

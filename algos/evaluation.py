@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from algos.rollout import HFGenerateEngine, SamplingParams
+from algos.rollout import SamplingParams
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, engine: HFGenerateEngine, records: list[dict], prompt_text,
+def evaluate_accuracy(model, engine, records: list[dict], prompt_text,
                       accelerator=None, batch_size: int = 64) -> dict:
-    """Greedy accuracy of ``model`` on ``records`` (split over processes when distributed)."""
+    """Greedy accuracy of ``model`` on ``records`` (split over processes when distributed), sampled by
+    ``engine`` (HF or vLLM) with its lengths and greedy decoding."""
     from rewards.verify import is_correct
 
-    greedy = HFGenerateEngine(engine.tokenizer, SamplingParams(
+    greedy = engine.with_params(SamplingParams(
         max_new_tokens=engine.params.max_new_tokens, do_sample=False,
         max_prompt_length=engine.params.max_prompt_length))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)

@@ -73,13 +73,15 @@ def policy_loss(
     dual_clip=None,
     agg_mode: str = "token-mean",
     max_len=None,
+    is_weights=None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (verl compute_policy_loss convention) -> (loss, stats).
 
     ratio = exp(clamp(logp - old_logp, -20, 20));
     pg = max(-A*ratio, -A*clip(ratio, 1-eps_low, 1+eps_high)), eps_high defaults to eps_low
     (clip-higher / DAPO when eps_high > eps_low); dual clip (verl clip_ratio_c, must be > 1):
-    for A < 0, pg = min(pg, -A*dual_clip). loss = aggregate(pg, mask, agg_mode, max_len).
+    for A < 0, pg = min(pg, -A*dual_clip). ``is_weights`` (B, T), detached, multiplies pg per token
+    (engine-mismatch correction, ``algos.importance``). loss = aggregate(pg, mask, agg_mode, max_len).
     stats (detached 0-d tensors, masked means over valid tokens):
       clipfrac       fraction where the clipped term was chosen (-A*clip(r) > -A*r strictly);
       approx_kl      k1 estimate of KL(pi_old || pi): mean(old_logp - logp) (verl "ppo_kl");
@@ -107,6 +109,8 @@ def policy_loss(
         negative = advantages < 0
         stats["dual_clip_frac"] = masked_mean((negative & (pg > bound)).to(pg.dtype), mask).detach()
         pg = torch.where(negative, torch.minimum(pg, bound), pg)
+    if is_weights is not None:
+        pg = pg * is_weights
 
     return aggregate(pg, mask, agg_mode, max_len), stats
 

@@ -27,10 +27,11 @@ from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
 from algos.data import ArithmeticTask, build_prompt, load_records
 from algos.evaluation import evaluate_accuracy
+from algos.importance import engine_is_weights
 from algos.kl import kl_estimate
-from algos.logprobs import logprobs_from_logits
+from algos.logprobs import entropy_from_logits, logprobs_from_logits
 from algos.losses import aggregate, policy_loss, value_loss
-from algos.models import load_causal_lm, load_tokenizer
+from algos.models import load_causal_lm, load_tokenizer, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
@@ -144,6 +145,17 @@ class RLTrainer:
                 think_end_marker=c.repro_think_end_marker or None,
                 micro_batch_size=c.repro_micro_batch_size))
 
+        sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
+                                  top_p=c.top_p, top_k=c.top_k, max_prompt_length=c.max_prompt_length,
+                                  batch_size=c.generation_batch_size, drop_finished=c.drop_finished_sequences)
+        if c.use_vllm:  # vLLM missing, an unsupported model or too short a context: one line, before loading
+            from transformers import AutoConfig
+
+            from algos.rollout.vllm_engine import check_settings
+
+            check_settings(AutoConfig.from_pretrained(resolve_model_path(c.model_name_or_path)), sampling,
+                           self._vllm_settings())
+
         # Model, tokenizer, reference, critic --------------------------------------------------
         self.tokenizer = load_tokenizer(c.model_name_or_path)
         # fp32 master weights; --bf16 runs forward passes under bf16 autocast (Accelerate).
@@ -185,16 +197,20 @@ class RLTrainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
-        sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature,
-                                  top_p=c.top_p, top_k=c.top_k, max_prompt_length=c.max_prompt_length,
-                                  batch_size=c.generation_batch_size, drop_finished=c.drop_finished_sequences)
-        self.eval_engine = HFGenerateEngine(self.tokenizer, sampling)
-        self.engine = self.eval_engine if c.rollout == "hf" else self._eager_engine(sampling)
+        if c.use_vllm:
+            self.engine = self._vllm_engine(sampling)
+            self.eval_engine = self.engine
+        else:
+            self.eval_engine = HFGenerateEngine(self.tokenizer, sampling)
+            self.engine = self.eval_engine if c.rollout == "hf" else self._eager_engine(sampling)
+        # vLLM reports no entropies: the trainer's own forward pass supplies them.
+        self.engine_entropies = getattr(self.engine, "provides_entropies", True)
         # Micro-batches run as length buckets (less padding), except under DeepSpeed, whose engine
         # expects one backward per micro-step.
         self.bucket_min_fill = 0.75 if getattr(acc.state, "deepspeed_plugin", None) is None else 0.0
         self.step = 0
         self.prompts_consumed = 0
+        self.entropy_in_update = False
         self.tracker = None
         if acc.is_main_process:
             self.tracker = RunTracker(c.output_dir, c.report_to, c.run_name or Path(c.output_dir).name,
@@ -204,6 +220,30 @@ class RLTrainer:
     def log_main(self, text: str) -> None:
         if self.accelerator.is_main_process:
             print(text, flush=True)
+
+    def _vllm_settings(self):
+        from algos.rollout.vllm_engine import VLLMSettings
+
+        c = self.config
+        dtype = c.vllm_dtype if c.vllm_dtype != "auto" else ("bfloat16" if c.bf16 else "float32")
+        return VLLMSettings(mode=c.vllm_mode, gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                            enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=c.vllm_max_model_len,
+                            dtype=dtype, seed=c.seed + self.accelerator.process_index,
+                            max_num_seqs=max(c.rollout_batch_size, c.eval_batch_size))
+
+    def _vllm_engine(self, sampling: SamplingParams):
+        from algos.rollout.vllm_engine import VLLMEngine
+
+        acc = self.accelerator
+        self.log_main("[repro-rl] starting a colocated vLLM engine in each process")
+        return VLLMEngine(self.tokenizer, sampling, self._vllm_settings(),
+                          resolve_model_path(self.config.model_name_or_path), self.policy.config,
+                          acc.process_index, acc.num_processes)
+
+    def _policy_changed(self) -> None:
+        """An optimizer step or a resume changed the weights: the engine re-syncs before sampling."""
+        if hasattr(self.engine, "mark_stale"):
+            self.engine.mark_stale()
 
     def _eager_engine(self, sampling: SamplingParams):
         from algos.rollout.eager_engine import EagerEngine, EagerSettings
@@ -272,11 +312,14 @@ class RLTrainer:
         # once per rollout (autocast caches casts until its outermost region exits) instead of
         # once per decode step; the numbers are the same.
         with self.accelerator.autocast():
-            return self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
+            batch = self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
+        if hasattr(self.engine, "sleep"):  # vLLM sleep mode (CUDA): free its memory during the update
+            self.engine.sleep()
+        return batch
 
-    def forward(self, model, batch: RolloutBatch):
-        """Per-token log-probs of the response tokens (tempered logits), and values for PPO, both
-        (B, T). Columns that are padding in every row are cut before the pass (``trim_padding``)
+    def forward(self, model, batch: RolloutBatch, with_entropy: bool = False):
+        """Per-token log-probs of the response tokens (tempered logits), values for PPO and, when asked,
+        the entropy of each step's tempered distribution (detached), all (B, T) or None. Columns that are padding in every row are cut before the pass (``trim_padding``)
         and the outputs padded back with zeros."""
         c = self.config
         prompt_ids, prompt_mask, response_ids, response_mask = trim_padding(batch)
@@ -295,24 +338,27 @@ class RLTrainer:
         if c.temperature != 1.0:  # a (B, T, V) copy and its gradient saved at T = 1
             logits = logits / c.temperature
         logp = logprobs_from_logits(logits, response_ids)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach()) * response_mask
         cut = batch.response_ids.shape[1] - response_ids.shape[1]
         if cut:
             logp = torch.nn.functional.pad(logp, (0, cut))
             values = torch.nn.functional.pad(values, (0, cut)) if values is not None else None
-        return logp, values
+            entropy = torch.nn.functional.pad(entropy, (0, cut)) if entropy is not None else None
+        return logp, values, entropy
 
     @torch.no_grad()
-    def _batched_forward(self, model, batch: RolloutBatch):
-        """``forward`` over the batch in micro-batches of rows of similar length (less padding)."""
+    def _batched_forward(self, model, batch: RolloutBatch, with_entropy: bool = False):
+        """``forward`` over the batch in micro-batches of rows of similar length (less padding):
+        (log-probs, values or None, entropies or None)."""
         size = self.config.per_device_train_batch_size
         order = rows_by_length(batch.attention_mask.sum(dim=1))
-        logps, values = [], []
-        for lo in range(0, len(batch), size):
-            lp, v = self.forward(model, batch.select(order[lo:lo + size]))
-            logps.append(lp)
-            values.append(v)
+        outs = [self.forward(model, batch.select(order[lo:lo + size]), with_entropy)
+                for lo in range(0, len(batch), size)]
         back = torch.argsort(torch.tensor(order))
-        return torch.cat(logps)[back], (torch.cat(values)[back] if values[0] is not None else None)
+        return tuple(torch.cat(parts)[back] if parts[0] is not None else None for parts in zip(*outs))
 
     @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -372,9 +418,19 @@ class RLTrainer:
 
         t2 = time.perf_counter()
         reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
+        # Without the engine's entropies, REPRO (entropy-selected points) and a KL in the reward (the
+        # trainer's own log-probs) need the forward pass before the update.
+        needs_trainer_pass = not self.engine_entropies and (
+            self.repro is not None or (c.kl_coef > 0 and c.kl_in_reward))
         old_logp, old_values = None, None
-        if not reuse_rollout or c.algorithm == "ppo":
-            old_logp, old_values = self._batched_forward(self.model, batch)
+        self.entropy_in_update = False
+        if not reuse_rollout or c.algorithm == "ppo" or needs_trainer_pass:
+            old_logp, old_values, entropies = self._batched_forward(
+                self.model, batch, with_entropy=not self.engine_entropies)
+            if entropies is not None:
+                batch.entropies = entropies
+        elif not self.engine_entropies:  # the update's own forward pass measures them
+            self.entropy_in_update = True
         ref_logp = self.reference_logprobs(batch) if c.kl_coef > 0 else None
         kl_reward_mean = None
         if ref_logp is not None and c.kl_in_reward:
@@ -408,6 +464,8 @@ class RLTrainer:
             "rollout/sequences_per_prompt": torch.tensor(len(batch) / len(set(batch.group_ids.tolist()))),
             "rollout/generated_tokens": lengths.sum(),
         }
+        if "weight_sync_seconds" in getattr(self.engine, "last_timing", {}):
+            local["time/weight_sync_seconds"] = torch.tensor(self.engine.last_timing["weight_sync_seconds"])
         for name, values in rewards.components.items():
             local[f"rewards/{name}"] = torch.nanmean(values).nan_to_num(0.0)
         if kl_reward_mean is not None:
@@ -463,6 +521,7 @@ class RLTrainer:
                         self.optimizer.step()
                         if acc.sync_gradients:
                             self.scheduler.step()
+                            self._policy_changed()
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -496,15 +555,26 @@ class RLTrainer:
                     returns, mini_tokens, mini_seqs) -> dict:
         c, acc = self.config, self.accelerator
         mask = micro.response_mask.float()
-        logp, values = self.forward(self.model, micro)
+        logp, values, entropy = self.forward(self.model, micro, with_entropy=self.entropy_in_update)
         old = old_logp[rows] if old_logp is not None else logp.detach()
+        stats = {}
+        is_weights = None
+        if c.use_vllm:  # engine mismatch: pi_train (old) against the engine's own log-probs
+            weights, mismatch = engine_is_weights(old, micro.logprobs, mask, c.vllm_importance_sampling_mode,
+                                                  c.vllm_importance_sampling_cap)
+            stats.update({f"vllm/{k}": float(v) for k, v in mismatch.items()})
+            if c.vllm_importance_sampling_correction:
+                is_weights = weights
+                stats["vllm/is_weight_mean"] = float((weights * mask).sum() / mask.sum().clamp(min=1))
+        if entropy is not None:
+            stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
         pg_loss, pg_stats = policy_loss(
             logp, old, advantages[rows], mask, epsilon_low=c.epsilon,
             epsilon_high=c.epsilon_high or None, dual_clip=c.dual_clip or None,
-            agg_mode=c.agg_mode, max_len=c.max_completion_length)
+            agg_mode=c.agg_mode, max_len=c.max_completion_length, is_weights=is_weights)
         loss = pg_loss
-        stats = {"loss/policy": pg_loss.item(), "clip_fraction": float(pg_stats["clipfrac"]),
-                 "approx_kl": float(pg_stats["approx_kl"])}
+        stats.update({"loss/policy": pg_loss.item(), "clip_fraction": float(pg_stats["clipfrac"]),
+                      "approx_kl": float(pg_stats["approx_kl"])})
         if ref_logp is not None and not c.kl_in_reward:
             kl = kl_estimate(logp, ref_logp[rows], c.kl_kind)
             kl_loss = aggregate(kl, mask, c.agg_mode, max_len=c.max_completion_length)
@@ -555,6 +625,7 @@ class RLTrainer:
                 self.tracker.keep_until(-1)
             return
         self.accelerator.load_state(str(checkpoint / "trainer_state"))
+        self._policy_changed()
         state = load_trainer_state(checkpoint)
         self.step, self.prompts_consumed = state["step"], state["prompts_consumed"]
         if self.tracker:  # lines logged after the checkpoint by the interrupted run are dropped

@@ -252,7 +252,7 @@ def logprob_difference(ours, trl, batch, bf16: bool) -> float:
     try:
         with torch.no_grad():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                mine, _ = ours.forward(model, batch)
+                mine = ours.forward(model, batch)[0]
             theirs, _, _ = trl._get_per_token_logps_and_entropies(
                 model, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1])
     finally:

@@ -137,9 +137,9 @@ def test_trimmed_and_length_sorted_forward_keep_logprobs(tiny_model_path, tmp_pa
     assert [t.shape[1] for t in trim_padding(padded)[::2]] == [batch.prompt_ids.shape[1], batch.response_ids.shape[1]]
     with torch.no_grad():
         expected = reference_logprobs(model, padded, temperature)
-        got, _ = trainer.forward(trainer.model, padded)
+        got = trainer.forward(trainer.model, padded)[0]
         trainer.config.per_device_train_batch_size = 3  # micro-batches of rows sorted by length
-        batched, _ = trainer._batched_forward(trainer.model, padded)
+        batched = trainer._batched_forward(trainer.model, padded)[0]
     assert got.shape == expected.shape == batched.shape
     m = padded.response_mask.bool()
     torch.testing.assert_close(got[m], expected[m], atol=1e-5, rtol=1e-5)

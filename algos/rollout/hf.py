@@ -57,6 +57,10 @@ class HFGenerateEngine:
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos))
         self.last_timing: dict[str, float] = {}
 
+    def with_params(self, params: SamplingParams) -> "HFGenerateEngine":
+        """An engine with other sampling settings (evaluation: greedy)."""
+        return HFGenerateEngine(self.tokenizer, params)
+
     def tokenize_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
         side = tok.truncation_side
