@@ -118,7 +118,9 @@ def main_guard(run, argv=None):
     from algos.data import DataConfigError
     from algos.models import ModelLoadError
 
-    user_errors = (ConfigError, DataConfigError, ModelLoadError)
+    from algos.rollout.vllm_engine import VLLMSetupError
+
+    user_errors = (ConfigError, DataConfigError, ModelLoadError, VLLMSetupError)
     try:
         from rewards import RewardConfigError, RewardError
         user_errors += (RewardConfigError, RewardError)
