@@ -29,13 +29,23 @@ It also checks the math: one of our rollout batches goes through our ``RLTrainer
 TRL's ``_get_per_token_logps_and_entropies`` on the same model; the max |difference| of the
 per-token log-probs over response tokens must be < 1e-4 (fp32; under --bf16 it is reported only).
 
+With ``--use_vllm`` a third trainer joins the alternation: ours sampling with the colocated vLLM
+engine (``algos/rollout/vllm_engine.py``; its step includes the weight sync). vLLM allows one engine per
+process, so TRL with ``use_vllm=True, vllm_mode="colocate"`` then runs after the A/B run in a child
+process of its own (same settings, its own medians); if TRL's vLLM path fails, the error line is
+printed. Ratios are printed for every pair that matters: ours+vLLM / ours, / TRL, / TRL+vLLM.
+
     python scripts/bench_rl_step.py --model smollm2-135m-instruct --steps 6 --threads 2
     python scripts/bench_rl_step.py --model tiny --steps 6 --threads 2
+    python scripts/bench_rl_step.py --bf16 --use_vllm --steps 6 --threads 2
+    python scripts/bench_rl_step.py --bf16 --use_vllm --dataset gsm8k --max_completion_length 512 --steps 4
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -70,6 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--hf_generate", action="store_true",
                     help="ours samples with model.generate too (default: our loop that drops finished rows)")
     ap.add_argument("--skip_trl", action="store_true", help="time our trainer alone (memory runs)")
+    ap.add_argument("--use_vllm", action="store_true",
+                    help="also time ours with the colocated vLLM engine, and TRL with vLLM in a child process")
+    ap.add_argument("--trl_vllm_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -116,11 +129,11 @@ def linear_weights(model) -> int:
 
 
 # The two trainers -------------------------------------------------------------------------------
-def build_ours(args, model_path: str, out_dir: str):
+def build_ours(args, model_path: str, out_dir: str, use_vllm: bool = False):
     from algos.config import RLConfig
     from algos.trainer import RLTrainer
 
-    config = RLConfig(
+    config = RLConfig(use_vllm=use_vllm,
         algorithm="grpo", model_name_or_path=model_path, output_dir=out_dir, seed=args.seed, dataset=args.dataset,
         num_generations=args.num_generations, per_device_train_batch_size=args.num_prompts * args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature,
@@ -130,7 +143,8 @@ def build_ours(args, model_path: str, out_dir: str):
     return RLTrainer(config)
 
 
-def build_trl(args, model_path: str, out_dir: str, prompts: list[str], answers: list[str], callback):
+def build_trl(args, model_path: str, out_dir: str, prompts: list[str], answers: list[str], callback,
+              use_vllm: bool = False):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -146,7 +160,9 @@ def build_trl(args, model_path: str, out_dir: str, prompts: list[str], answers: 
         max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
         max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         shuffle_dataset=False, log_completions=False, dataloader_num_workers=0,
-        gradient_checkpointing=args.gradient_checkpointing)
+        gradient_checkpointing=args.gradient_checkpointing,
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=1024 + args.max_completion_length)
+           if use_vllm else {}))
     model = load_causal_lm(model_path, dtype=torch.float32)
     dataset = Dataset.from_dict({"prompt": prompts, "answer": answers})
     return GRPOTrainer(model=model, reward_funcs=[accuracy], args=config, train_dataset=dataset,
@@ -198,9 +214,11 @@ def our_step(trainer, rss: RssPeak, n_linear: int, peak: float) -> tuple[dict, d
 class Alternate:
     """TrainerCallback body: closes a TRL step, runs one of ours, opens the next TRL step."""
 
-    def __init__(self, args, ours, rss, n_linear, peak):
+    def __init__(self, args, ours, rss, n_linear, peak, ours_vllm=None):
         self.args, self.ours, self.rss, self.n_linear, self.peak = args, ours, rss, n_linear, peak
+        self.ours_vllm = ours_vllm
         self.trl_rows, self.our_rows, self.our_parts, self.record = [], [], [], {}
+        self.vllm_rows, self.vllm_parts = [], []
         self._start = None
 
     def close_trl_step(self):
@@ -228,6 +246,11 @@ class Alternate:
         self.our_rows.append(r)
         self.our_parts.append(parts)
         print_step(len(self.our_rows), "ours", r)
+        if self.ours_vllm is not None:
+            r, parts = our_step(self.ours_vllm, self.rss, self.n_linear, self.peak)
+            self.vllm_rows.append(r)
+            self.vllm_parts.append(parts)
+            print_step(len(self.vllm_rows), "ours+vllm", r)
 
 
 def make_callback(alternate: Alternate):
@@ -262,12 +285,12 @@ def logprob_difference(ours, trl, batch, bf16: bool) -> float:
 
 
 # Printing ---------------------------------------------------------------------------------------
-HEADER = (f"{'step':>4} {'who':>4} {'gen tok/s':>10} {'train tok/s':>11} {'step s':>8} {'tok/s':>8} {'RSS GB':>7} "
+HEADER = (f"{'step':>4} {'who':>9} {'gen tok/s':>10} {'train tok/s':>11} {'step s':>8} {'tok/s':>8} {'RSS GB':>7} "
           f"{'+step GB':>8} {'MFU %':>6}")
 
 
 def print_step(i: int, who: str, r: dict) -> None:
-    print(f"{i:>4} {who:>4} {r['gen_tok_s']:>10.1f} {r['train_tok_s']:>11.1f} {r['step_s']:>8.2f} "
+    print(f"{i:>4} {who:>9} {r['gen_tok_s']:>10.1f} {r['train_tok_s']:>11.1f} {r['step_s']:>8.2f} "
           f"{r['tok_s']:>8.1f} {r['rss_gb']:>7.2f} {r['rss_step_gb']:>8.2f} {100 * r['mfu']:>6.2f}", flush=True)
 
 
@@ -311,7 +334,20 @@ def main(argv=None):
           f"{'model.generate' if args.hf_generate else 'its finished-row-dropping loop'}", flush=True)
 
     rss = RssPeak()
-    alternate = Alternate(args, ours, rss, n_linear, peak)
+    if args.trl_vllm_child:  # TRL with its colocated vLLM engine, alone in this process
+        del ours
+        alternate = Alternate(args, None, rss, n_linear, peak)
+        alternate.args = argparse.Namespace(**{**vars(args), "steps": 0})  # no steps of ours in here
+        trl = build_trl(args, model_path, str(work / "trl"), prompts, answers, make_callback(alternate), use_vllm=True)
+        for name in ("_generate", "_generate_and_score_completions"):
+            wrap_timed(trl, name, alternate.record)
+        trl.train()
+        print("TRL_VLLM " + json.dumps(medians(alternate.trl_rows, args.warmup)), flush=True)
+        return
+    ours_vllm = None
+    if args.use_vllm:
+        ours_vllm = build_ours(args, model_path, str(work / "ours_vllm"), use_vllm=True)
+    alternate = Alternate(args, ours, rss, n_linear, peak, ours_vllm)
     print(HEADER)
     trl = None
     if args.skip_trl:
@@ -335,10 +371,16 @@ def main(argv=None):
               f"tokens/s {mine['train_tok_s'] / theirs['train_tok_s']:.2f}x, step time "
               f"{mine['step_s'] / theirs['step_s']:.2f}x, total tokens/s {mine['tok_s'] / theirs['tok_s']:.2f}x, "
               f"memory added during the step {mine['rss_step_gb']:.2f} vs {theirs['rss_step_gb']:.2f} GB")
-    kept = alternate.our_parts[args.warmup:] or alternate.our_parts
-    total = sum(sum(p.values()) for p in kept)
-    shares = ", ".join(f"{k} {100 * sum(p[k] for p in kept) / total:.1f}%" for k in kept[0])
-    print(f"[bench] our step: {shares}")
+    for who, parts in (("our step", alternate.our_parts), ("our step with vLLM", alternate.vllm_parts)):
+        kept = parts[args.warmup:] or parts
+        if not kept:
+            continue
+        total = sum(sum(p.values()) for p in kept)
+        shares = ", ".join(f"{k} {100 * sum(p[k] for p in kept) / total:.1f}%" for k in kept[0])
+        print(f"[bench] {who}: {shares}")
+    if ours_vllm is not None:
+        report_vllm(args, mine, medians(alternate.vllm_rows, args.warmup),
+                    medians(alternate.trl_rows, args.warmup) if trl is not None else None, argv)
     print(f"[bench] peak RSS of the whole process: {rss.process.memory_info().rss / 2**30:.2f} GB now, "
           f"max during steps {max(r['rss_gb'] for r in alternate.our_rows + alternate.trl_rows):.2f} GB")
     if trl is not None:
@@ -347,6 +389,35 @@ def main(argv=None):
                    "OK" if diff < LOGPROB_TOLERANCE else f"MISMATCH (> {LOGPROB_TOLERANCE:g})")
         print(f"[bench] per-token log-probs, ours vs TRL on one batch ({int(ours._last_batch.response_mask.sum())} "
               f"tokens): max |diff| = {diff:.2e} -> {verdict}")
+
+
+def ratio_line(name: str, a: dict, b: dict) -> str:
+    return (f"[bench] ours+vLLM / {name}: step time {b['step_s'] / a['step_s']:.2f}x faster, generation tokens/s "
+            f"{a['gen_tok_s'] / b['gen_tok_s']:.2f}x, total tokens/s {a['tok_s'] / b['tok_s']:.2f}x")
+
+
+def report_vllm(args, ours: dict, ours_vllm: dict, trl: dict | None, argv) -> None:
+    """Medians of ours+vLLM against ours and TRL, then TRL with vLLM from a child process."""
+    print(f"\n[bench] with vLLM (medians over steps {args.warmup + 1}..{args.steps}; its step includes the weight sync)")
+    print(HEADER)
+    print_step(0, "ours+vllm", ours_vllm)
+    print(ratio_line("ours (our sampler)", ours_vllm, ours))
+    if trl is not None:
+        print(ratio_line("TRL", ours_vllm, trl))
+    if args.skip_trl:
+        return
+    child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--trl_vllm_child"],
+                           capture_output=True, text=True, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                                 "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"})
+    lines = [l for l in child.stdout.splitlines() if l.startswith("TRL_VLLM ")]
+    if child.returncode != 0 or not lines:
+        errors = [l for l in child.stderr.strip().splitlines() if l.strip()]
+        print(f"[bench] TRL with use_vllm=True, vllm_mode='colocate' did not run: {errors[-1] if errors else child.returncode}")
+        return
+    trl_vllm = json.loads(lines[-1][len("TRL_VLLM "):])
+    print_step(0, "trl+vllm", trl_vllm)
+    print(ratio_line("TRL+vLLM", ours_vllm, trl_vllm))
 
 
 if __name__ == "__main__":

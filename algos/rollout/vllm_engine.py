@@ -279,10 +279,11 @@ class VLLMEngine:
         p = self.params
         if not p.do_sample:
             return VSamplingParams(n=num_generations, temperature=0.0, max_tokens=p.max_new_tokens,
-                                   stop_token_ids=self.eos_ids, logprobs=0)
+                                   stop_token_ids=self.eos_ids, detokenize=False)
+        # logprobs=0: the sampled token's log-prob only; detokenize=False: we decode the ids ourselves
         return VSamplingParams(n=num_generations, temperature=p.temperature, top_p=p.top_p,
                                top_k=p.top_k if p.top_k > 0 else -1, max_tokens=p.max_new_tokens,
-                               stop_token_ids=self.eos_ids, logprobs=0)
+                               stop_token_ids=self.eos_ids, logprobs=0, detokenize=False)
 
     @torch.no_grad()
     def generate(self, model, prompts: list[str], num_generations: int = 1,
