@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from algos.data import build_prompt
+from algos.hf_compat import cache_arg
 from algos.models import model_identity
 from probes.cues import EXIT_STRING_THINKING, CueConfig
 from probes.early_exit import NeverExit, _closes, lynx_generate
@@ -188,7 +189,7 @@ def forced_exit_answers(model, tokenizer, generated, prompt_len: int, events, ex
         stopping = None
         if stop_at_answer_close and open_braces > 0:
             stopping = StoppingCriteriaList([_AnswerClosed(tokenizer, open_braces, n, input_ids.shape[1])])
-        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=chunk_cache,
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **cache_arg(chunk_cache),
                              max_new_tokens=answer_max_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, eos_token_id=sorted(eos), pad_token_id=pad, stopping_criteria=stopping)
         for row in out[:, input_ids.shape[1]:].tolist():

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from algos.hf_compat import cache_arg, output_cache
 from probes.cues import CueConfig, CueDetector, IncrementalDetokenizer
 
 THINK, FORCED, ANSWER, DONE = range(4)
@@ -239,8 +240,8 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
     # prefill, exactly as generate prepares it
     position_ids = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
     out = model(input_ids=input_ids, attention_mask=attn if mask_needed else None, position_ids=position_ids,
-                past_key_values=None, use_cache=True, **extra)
-    cache = out.past_key_values
+                use_cache=True, **extra)
+    cache = output_cache(out)
     next_pos = position_ids[:, -1] + 1
     logits = out.logits[:, -1].to(torch.float32)
 
@@ -324,9 +325,9 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
                 and not stats[b].event_indices and detectors[b].active]
         want_hidden = need_features and (any(pending) or bool(keep))
         out = model(input_ids=step, attention_mask=attn if mask_needed else None,
-                    position_ids=next_pos[:, None].clone(), past_key_values=cache, use_cache=True,
+                    position_ids=next_pos[:, None].clone(), **cache_arg(cache), use_cache=True,
                     output_hidden_states=want_hidden, **extra)
-        cache = out.past_key_values
+        cache = output_cache(out)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].to(torch.float32)
         if keep:

@@ -29,6 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
     raise ImportError(f"routers.routed_model needs transformers 5.x (cache layer types, masking_utils): {exc}") from exc
 
+from algos.hf_compat import cache_arg
 from routers.paths import REPEAT, as_action_table
 
 _MASK_FUNCTIONS = {
@@ -201,7 +202,7 @@ class RoutedModel(nn.Module):
                                and (cache.seen_tokens == 0 or plan[l][p] is not False))
                 masks[kind] = _MASK_FUNCTIONS[kind](
                     config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                    past_key_values=cache, position_ids=position_ids, layer_idx=ref)
+                    **cache_arg(cache), position_ids=position_ids, layer_idx=ref)
             return masks[kind]
 
         return get
@@ -269,12 +270,12 @@ class RoutedModel(nn.Module):
                 view = _SlotView(cache, cache.slot(layer_idx, pass_idx)) if cache is not None else None
                 if rows is None:
                     hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                                   past_key_values=view, use_cache=cache is not None,
+                                   **cache_arg(view), use_cache=cache is not None,
                                    position_embeddings=(cos, sin))
                 else:
                     sub_mask = mask[rows] if isinstance(mask, torch.Tensor) and mask.shape[0] == batch else mask
                     out = layer(hidden[rows], attention_mask=sub_mask, position_ids=position_ids[rows],
-                                past_key_values=view, use_cache=cache is not None,
+                                **cache_arg(view), use_cache=cache is not None,
                                 position_embeddings=(cos[rows], sin[rows]))
                     hidden = hidden.index_copy(0, rows, out)
             if collected is not None and layer_idx < self.num_layers - 1:

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from algos.hf_compat import cache_arg  # noqa: E402
 from rewards.verify import is_correct  # noqa: E402
 from routers.path_eval import GenerationEvaluator  # noqa: E402
 from routers.paths import actions_to_path, as_action_table, path_to_actions, validate_path  # noqa: E402
@@ -119,7 +120,7 @@ def test_all_execute_cached_decoding_identical(model, routed):
     with torch.no_grad():
         hf_cache, my_cache = DynamicCache(config=model.config), PathCache(model.config, L)
         pos = positions_from_mask(mask)
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=hf_cache,
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_arg(hf_cache),
                     use_cache=True).logits
         out = routed(ids, mask, actions=torch.ones(L, dtype=torch.long), past_key_values=my_cache).logits
         assert torch.equal(ref, out)
@@ -127,7 +128,7 @@ def test_all_execute_cached_decoding_identical(model, routed):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             pos = pos[:, -1:] + 1
             tok = steps[:, s:s + 1]
-            ref = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=hf_cache,
+            ref = model(input_ids=tok, attention_mask=mask, position_ids=pos, **cache_arg(hf_cache),
                         use_cache=True).logits
             out = routed(tok, mask, actions=torch.ones(L, dtype=torch.long), past_key_values=my_cache,
                          position_ids=pos).logits
@@ -152,7 +153,7 @@ def _block_stack(model, hidden, mask, path):
 
     pos = positions_from_mask(mask)
     causal = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask,
-                                past_key_values=None, position_ids=pos)
+                                **cache_arg(None), position_ids=pos)
     cos_sin = model.model.rotary_emb(hidden, position_ids=pos)
     for i in path:
         hidden = model.model.layers[i](hidden, attention_mask=causal, position_ids=pos,

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from algos.hf_compat import cache_arg
 from algos.rollout.base import mask_top_k_top_p
 
 
@@ -120,7 +121,7 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
     limit = p.max_new_tokens + (exits.extra_tokens if exits is not None else 0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **cache_arg(cache),
                 use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     previous = None  # with exits: each row's logits before its last token (what a rollback returns to)
@@ -224,7 +225,7 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         if want_hidden:
             previous = logits.index_select(0, index) if (len(new_rows) != len(prompt_of_row) or children) else logits
         out = model(input_ids=torch.tensor(new_tokens, device=ids.device)[:, None], attention_mask=mask,
-                    position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True,
+                    position_ids=_positions(mask)[:, -1:], **cache_arg(cache), use_cache=True,
                     **({"output_hidden_states": True} if want_hidden else {}))
         logits = out.logits[:, -1].float()
     return seqs

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from algos.hf_compat import cache_arg
 from algos.rollout.base import mask_top_k_top_p
 
 __all__ = ["sample_dropping_finished", "draw_token"]
@@ -60,7 +61,7 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
     mask = attention_mask
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **cache_arg(cache), use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
     if repeats > 1:  # one prefill per prompt, its cache rows copied for each completion
         rows = torch.arange(input_ids.shape[0], device=device).repeat_interleave(repeats)
@@ -88,5 +89,5 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
             live, mask, chosen = live[keep], mask[keep], chosen[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=_positions(mask)[:, -1:],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **cache_arg(cache), use_cache=True).logits[:, -1]
     return tokens[:, :width], logprobs[:, :width], entropies[:, :width]
