@@ -37,15 +37,18 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim: H = logsumexp(z) - sum_v softmax(z)_v * z_v.
+def entropy_from_logits(logits: torch.Tensor, finite: bool = False) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim: H = lse - sum_v exp(z_v - lse) * z_v, lse = logsumexp(z).
 
     Shape ``logits.shape[:-1]``, float32 (float64 for float64 input). Entries at -inf (masked
-    vocabulary) contribute 0 instead of NaN.
+    vocabulary) contribute 0 instead of NaN; ``finite=True`` promises there are none and skips that
+    check. A 3-d input is processed one sequence at a time, so the temporaries stay (T, V).
     """
+    if logits.dim() == 3 and logits.shape[0] > 1:
+        return torch.cat([entropy_from_logits(logits[i:i + 1], finite) for i in range(logits.shape[0])])
     out = []
     for _, chunk in _rows(logits):
-        probs = torch.softmax(chunk, dim=-1)
-        finite = torch.where(torch.isfinite(chunk), chunk, torch.zeros_like(chunk))
-        out.append(torch.logsumexp(chunk, dim=-1) - (probs * finite).sum(dim=-1))
+        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        z = chunk if finite else torch.where(torch.isfinite(chunk), chunk, torch.zeros_like(chunk))
+        out.append(lse.squeeze(-1) - (torch.exp(chunk - lse) * z).sum(dim=-1))
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)

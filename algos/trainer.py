@@ -347,7 +347,7 @@ class RLTrainer:
         entropy = None
         if with_entropy:
             with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach()) * response_mask
+                entropy = entropy_from_logits(logits.detach(), finite=True) * response_mask
         cut = batch.response_ids.shape[1] - response_ids.shape[1]
         if cut:
             logp = torch.nn.functional.pad(logp, (0, cut))
