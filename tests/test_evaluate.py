@@ -173,5 +173,5 @@ def test_plain_decoder_on_vllm_gives_the_hf_plain_texts(tmp_path):
     hf, vllm = runs["false"], runs["true"]
     assert [r["index"] for r in hf] == [r["index"] for r in vllm] == list(range(12))
     same = sum(a["texts"] == b["texts"] for a, b in zip(hf, vllm))
-    assert same >= 11, f"only {same}/12 greedy texts agree"  # fp32 both; measured 12/12
+    assert same >= 11, f"only {same}/12 greedy texts agree"  # fp32 both: near ties may flip one argmax
     assert all(r["layers"] == [r["num_layers"]] and r["exited"] == [False] for r in vllm)
