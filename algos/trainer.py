@@ -325,7 +325,8 @@ class RLTrainer:
 
     def forward(self, model, batch: RolloutBatch, with_entropy: bool = False):
         """Per-token log-probs of the response tokens (tempered logits), values for PPO and, when asked,
-        the entropy of each step's tempered distribution (detached), all (B, T) or None. Columns that are padding in every row are cut before the pass (``trim_padding``)
+        the entropy of each step's tempered distribution (detached), all (B, T) or None. Columns that
+        are padding in every row are cut before the pass (``trim_padding``)
         and the outputs padded back with zeros."""
         c = self.config
         prompt_ids, prompt_mask, response_ids, response_mask = trim_padding(batch)

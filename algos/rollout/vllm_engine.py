@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import time
@@ -170,6 +171,24 @@ def _module_weights(name: str, module, lora: bool) -> list[tuple[str, torch.Tens
     return [(f"{name}.{p}" if name else p, t.detach()) for p, t in module.named_parameters(recurse=False)]
 
 
+class _DropRotaryWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_rotary_warning():
+    """vLLM's reload warns on every sync that the rotary embedding got no weights: it has none to get (its
+    cos/sin cache is a buffer computed at start), and the synced log-probs match the policy (tests)."""
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    quiet = _DropRotaryWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 # The engine ---------------------------------------------------------------------------------------
 class _SharedLLM:
     """The vLLM engine and its sync state, shared by an engine and its ``with_params`` copies."""
@@ -253,7 +272,8 @@ class VLLMEngine:
         # (on CPU the linear layers are re-packed for oneDNN, so a bare load_weights would not do).
         dtype = _TORCH_DTYPES.get(self.settings.dtype)  # cast here: half the bytes in bf16, no vLLM warning per tensor
         weights = ((name, t.to(dtype) if dtype else t) for block in policy_weights(model) for name, t in block)
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        with _quiet_rotary_warning():
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         llm.reset_prefix_cache()
         s = self.shared
         s.stale = False
