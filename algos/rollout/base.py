@@ -48,3 +48,16 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
     mask = (~seen_before).long()
     reasons = ["stop" if row.any() else "length" for row in is_eos]
     return mask, reasons
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of the prompts, truncated from the left to
+    ``max_prompt_length`` tokens (the end of a prompt is what the model continues)."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_prompt_length, add_special_tokens=False)
+    finally:
+        tokenizer.truncation_side = side
+    return enc.input_ids.to(device), enc.attention_mask.to(device)

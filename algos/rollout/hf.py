@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from algos.batch import RolloutBatch
-from algos.rollout.base import SamplingParams, mask_top_k_top_p, response_mask_from_ids
+from algos.rollout.base import SamplingParams, mask_top_k_top_p, response_mask_from_ids, tokenize_prompts
 from algos.rollout.sampler import sample_dropping_finished
 
 
@@ -62,15 +62,7 @@ class HFGenerateEngine:
         return HFGenerateEngine(self.tokenizer, params)
 
     def tokenize_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer
-        side = tok.truncation_side
-        tok.truncation_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=self.params.max_prompt_length, add_special_tokens=False)
-        finally:
-            tok.truncation_side = side
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
+        return tokenize_prompts(self.tokenizer, prompts, self.params.max_prompt_length, device)
 
     def _generation_config(self, model) -> GenerationConfig:
         p = self.params

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from algos.batch import RolloutBatch
-from algos.rollout.base import SamplingParams, response_mask_from_ids
+from algos.rollout.base import SamplingParams, response_mask_from_ids, tokenize_prompts
 
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -295,15 +295,7 @@ class VLLMEngine:
 
     # sampling -------------------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer
-        side = tok.truncation_side
-        tok.truncation_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=self.params.max_prompt_length, add_special_tokens=False)
-        finally:
-            tok.truncation_side = side
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
+        return tokenize_prompts(self.tokenizer, prompts, self.params.max_prompt_length, device)
 
     def _vllm_params(self, num_generations: int):
         from vllm import SamplingParams as VSamplingParams
