@@ -4,10 +4,15 @@ Shapes: token tensors are ``(B, T)``; ``mask`` is the ``(B, T)`` response mask (
 ``group_ids`` is a ``(B,)`` integer tensor (groups may have different sizes and need not be
 contiguous). An outcome reward sits on the last valid response token of ``token_rewards``.
 
-Numerical conventions follow verl ``verl/trainer/ppo/core_algos.py`` (see
-``/work/shared/papers/rl-frameworks.md``): whitening uses the unbiased (Bessel-corrected) variance
-over valid tokens plus 1e-8; group statistics use ``torch.std`` (unbiased); a group of size 1 gets
-mean 0 and std 1.
+Numerical conventions follow verl ``verl/trainer/ppo/core_algos.py`` (see the project's
+``papers/rl-frameworks.md``): whitening uses the unbiased (Bessel-corrected) variance over valid
+tokens plus 1e-8; group statistics use ``torch.std`` (unbiased). A group of size 1 has nothing to
+compare with: it is measured against the rest of the batch (``group_mean_std``), where verl takes
+mean 0 and std 1 and so hands a singleton its raw score as advantage.
+
+Batch-wide statistics (whitening, the singleton baseline, ``scale="batch"``) take an optional
+``reduce``: a function summing a tensor over processes (the trainer passes an all-reduce), so that
+with several processes they are the statistics of the global batch, not of each process's share.
 
 Sequence score convention (all group estimators): ``s_i = sum_t r_{i,t} * mask_{i,t}``, so rewards
 sitting on padded positions are ignored.
@@ -30,7 +35,15 @@ __all__ = [
     "reinforce_pp_baseline",
     "rloo",
     "ADVANTAGE_ESTIMATORS",
+    "ESTIMATOR_FOR_ALGORITHM",
+    "register_advantage",
 ]
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 # --------------------------------------------------------------------------- helpers
@@ -111,14 +124,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Reduce | None = None) -> torch.Tensor:
     """Whiten over valid tokens: (x - mean) * rsqrt(var + eps), unbiased var (verl ``masked_whiten``).
 
     With ``shift_mean=False`` the mean is added back: x_white + mean. Statistics are global over all
-    valid tokens of the batch; masked positions are transformed too (callers multiply by the mask).
+    valid tokens of the batch (of every process, with ``reduce``); masked positions are transformed
+    too (callers multiply by the mask). One valid token in all: var 0 (verl raises).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        m = _float_mask(mask, x)
+        n = reduce(m.sum())
+        mean = _safe_div(reduce((x * m).sum()), n)
+        var = _safe_div(reduce(((x - mean) ** 2 * m).sum()), n)
+        var = torch.where(n > 1, var * n / torch.clamp(n - 1, min=1), torch.zeros_like(var))
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
@@ -126,21 +148,44 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 @torch.no_grad()
-def group_mean_std(scores: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_mean_std(scores: torch.Tensor, group_ids, reduce: Reduce | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (mean_g, std_g, n_g) of the group each score belongs to, shapes (B,).
 
-    mean_g = sum_g s / n_g; std_g = sqrt(sum_g (s - mean_g)^2 / (n_g - 1)) (unbiased, as torch.std);
-    a group of size 1 gets mean 0 and std 1 (verl GRPO convention). Vectorised with index_add.
+    mean_g = sum_g s / n_g; std_g = sqrt(sum_g (s - mean_g)^2 / (n_g - 1)) (unbiased, as torch.std).
+    A group of size 1 (common with EAGER rollouts) is compared with the rest of the batch: mean_g is
+    the mean of the *other* scores of the batch (leave-one-out, so the baseline does not depend on
+    the sample and the gradient stays unbiased) and std_g the unbiased std of all the batch's scores
+    (1 if it is 0). Alone in the batch, mean_g = s (advantage 0) and std_g = 1. verl instead uses
+    mean 0 and std 1, which hands a singleton its raw score: a formatted wrong answer is reinforced.
+    ``reduce`` sums over processes for the batch statistics. Vectorised with index_add.
     """
+    reduce = reduce or _local
     inverse, n_groups = _group_index(group_ids, scores.shape[0], scores.device)
     counts = torch.bincount(inverse, minlength=n_groups).to(scores.dtype)
     mean_g = _group_sum(scores, inverse, n_groups) / counts.clamp(min=1)
     sq_dev = _group_sum((scores - mean_g[inverse]) ** 2, inverse, n_groups)
     std_g = torch.sqrt(sq_dev / (counts - 1).clamp(min=1))
-    single = counts == 1
-    mean_g = torch.where(single, torch.zeros_like(mean_g), mean_g)
-    std_g = torch.where(single, torch.ones_like(std_g), std_g)
-    return mean_g[inverse], std_g[inverse], counts[inverse]
+    mean, std, n = mean_g[inverse], std_g[inverse], counts[inverse]
+    single = n == 1
+    if bool(reduce(single.any().to(scores.dtype)) > 0):  # every process takes part in the reduction
+        total, count = reduce(scores.sum()), reduce(scores.new_tensor(float(scores.numel())))
+        batch_mean = total / count.clamp(min=1)
+        batch_var = reduce(((scores - batch_mean) ** 2).sum()) / (count - 1).clamp(min=1)
+        batch_std = torch.where(batch_var > 0, batch_var.sqrt(), torch.ones_like(batch_var))
+        others = torch.where(count > 1, (total - scores) / (count - 1).clamp(min=1), scores)
+        mean = torch.where(single, others, mean)
+        std = torch.where(single, torch.where(count > 1, batch_std, torch.ones_like(batch_std)), std)
+    return mean, std, n
+
+
+def batch_std(scores: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Unbiased std of all scores of the batch (every process's with ``reduce``): TRL's
+    ``scale_rewards="batch"``."""
+    reduce = reduce or _local
+    count = reduce(scores.new_tensor(float(scores.numel())))
+    mean = reduce(scores.sum()) / count.clamp(min=1)
+    return torch.sqrt(reduce(((scores - mean) ** 2).sum()) / (count - 1).clamp(min=1))
 
 
 # --------------------------------------------------------------------------- estimators
@@ -153,6 +198,7 @@ def gae(
     mask: torch.Tensor,
     gamma: float = 1.0,
     lam: float = 1.0,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised Advantage Estimation -> (advantages, returns), both (B, T).
 
@@ -183,7 +229,7 @@ def gae(
         adv[:, t] = running
 
     returns = (adv + v) * m
-    adv = masked_whiten(adv, m) * m
+    adv = masked_whiten(adv, m, reduce=reduce) * m
     return adv.to(out_dtype), returns.to(out_dtype)
 
 
@@ -192,26 +238,35 @@ def grpo(
     token_rewards: torch.Tensor,
     mask: torch.Tensor,
     group_ids,
-    norm_by_std: bool = True,
+    scale: str = "group",
     eps: float = 1e-6,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """GRPO outcome advantage, broadcast over the mask, (B, T).
 
-    s_i = sum_t r_{i,t}*m_{i,t};  A_i = (s_i - mean_g) / (std_g + eps) with unbiased std_g
-    (torch.std); size-1 group: mean 0, std 1. ``norm_by_std=False`` gives Dr.GRPO: A_i = s_i - mean_g.
-    Source: verl core_algos compute_grpo_outcome_advantage (norm_adv_by_std_in_grpo, epsilon=1e-6).
+    s_i = sum_t r_{i,t}*m_{i,t};  A_i = (s_i - mean_g) / (std + eps). ``scale`` (TRL's
+    ``scale_rewards``): "group" divides by the group's unbiased std_g (verl, GRPO), "batch" by the
+    std of all scores of the batch (TRL; a group that differs only in a small reward term keeps a
+    small advantage), "none" not at all (Dr.GRPO: A_i = s_i - mean_g). Size-1 groups: see
+    ``group_mean_std``. Source: verl core_algos compute_grpo_outcome_advantage (epsilon=1e-6),
+    TRL ``GRPOTrainer`` (scale_rewards).
     """
     _check_same_shape(token_rewards=token_rewards, mask=mask)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown GRPO reward scaling {scale!r}; choose group, batch or none")
     scores = _sequence_scores(token_rewards, mask)
-    mean, std, _ = group_mean_std(scores, group_ids)
+    mean, std, _ = group_mean_std(scores, group_ids, reduce)
     adv = scores - mean
-    if norm_by_std:
+    if scale == "group":
         adv = adv / (std + eps)
+    elif scale == "batch":
+        adv = adv / (batch_std(scores, reduce) + eps)
     return adv.to(token_rewards.dtype).unsqueeze(-1) * _float_mask(mask, token_rewards)
 
 
 @torch.no_grad()
-def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                 reduce: Reduce | None = None) -> torch.Tensor:
     """REINFORCE++ advantage: discounted return-to-go, whitened over the batch, (B, T).
 
     Backwards: running = r_t + gamma*running; G_t = running; running *= m_t (the return is reset
@@ -232,24 +287,25 @@ def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
         returns[:, t] = running
         running = running * m[:, t]
 
-    return (masked_whiten(returns, m) * m).to(out_dtype)
+    return (masked_whiten(returns, m, reduce=reduce) * m).to(out_dtype)
 
 
 @torch.no_grad()
-def reinforce_pp_baseline(token_rewards: torch.Tensor, mask: torch.Tensor, group_ids) -> torch.Tensor:
+def reinforce_pp_baseline(token_rewards: torch.Tensor, mask: torch.Tensor, group_ids,
+                          reduce: Reduce | None = None) -> torch.Tensor:
     """REINFORCE++-baseline advantage, (B, T).
 
-    A_i = s_i - mean_g (size-1 group: mean 0), tiled over the tokens, then masked_whiten over all
-    valid tokens of the batch, times mask (KL belongs in the loss for this estimator).
+    A_i = s_i - mean_g (size-1 group: see ``group_mean_std``), tiled over the tokens, then
+    masked_whiten over all valid tokens of the batch, times mask (KL belongs in the loss here).
     Source: verl core_algos compute_reinforce_plus_plus_baseline_outcome_advantage convention.
     """
     _check_same_shape(token_rewards=token_rewards, mask=mask)
     scores = _sequence_scores(token_rewards, mask)
-    mean, _, _ = group_mean_std(scores, group_ids)
+    mean, _, _ = group_mean_std(scores, group_ids, reduce)
     dt = _compute_dtype(token_rewards.dtype)
     m = _float_mask(mask, token_rewards.to(dt))
     tiled = (scores - mean).to(dt).unsqueeze(-1) * m
-    return (masked_whiten(tiled, m) * m).to(token_rewards.dtype)
+    return (masked_whiten(tiled, m, reduce=reduce) * m).to(token_rewards.dtype)
 
 
 @torch.no_grad()
@@ -270,10 +326,46 @@ def rloo(token_rewards: torch.Tensor, mask: torch.Tensor, group_ids) -> torch.Te
     return adv.to(token_rewards.dtype).unsqueeze(-1) * _float_mask(mask, token_rewards)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., object]] = {
-    "gae": gae,
-    "grpo": grpo,
-    "reinforce_pp": reinforce_pp,
-    "reinforce_pp_baseline": reinforce_pp_baseline,
-    "rloo": rloo,
-}
+# --------------------------------------------------------------------------- the registry
+# One signature for every estimator, as verl's ``core_algos`` registry:
+#   fn(token_rewards, mask, *, group_ids, values, gamma, lam, scale, reduce) -> (advantages, returns)
+# (``returns`` is None except for GAE, whose returns train the critic). The trainer looks the
+# estimator up by name and passes everything; each takes what it needs.
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+# Which estimator each algorithm uses.
+ESTIMATOR_FOR_ALGORITHM = {"ppo": "gae", "grpo": "grpo", "reinforce_pp": "reinforce_pp",
+                           "reinforce_pp_baseline": "reinforce_pp_baseline"}
+
+
+def register_advantage(name: str):
+    def decorator(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return decorator
+
+
+@register_advantage("gae")
+def _gae(token_rewards, mask, *, values, gamma=1.0, lam=1.0, reduce=None, **_):
+    return gae(token_rewards, values, mask, gamma, lam, reduce=reduce)
+
+
+@register_advantage("grpo")
+def _grpo(token_rewards, mask, *, group_ids, scale="group", reduce=None, **_):
+    return grpo(token_rewards, mask, group_ids, scale=scale, reduce=reduce), None
+
+
+@register_advantage("reinforce_pp")
+def _reinforce_pp(token_rewards, mask, *, gamma=1.0, reduce=None, **_):
+    return reinforce_pp(token_rewards, mask, gamma, reduce=reduce), None
+
+
+@register_advantage("reinforce_pp_baseline")
+def _reinforce_pp_baseline(token_rewards, mask, *, group_ids, reduce=None, **_):
+    return reinforce_pp_baseline(token_rewards, mask, group_ids, reduce=reduce), None
+
+
+@register_advantage("rloo")
+def _rloo(token_rewards, mask, *, group_ids, **_):
+    return rloo(token_rewards, mask, group_ids), None

@@ -54,3 +54,36 @@ class RolloutBatch:
             else:
                 picked[f.name] = [value[i] for i in idx.tolist()] if value else []
         return RolloutBatch(**picked)
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch from several (dynamic sampling's generation rounds): prompts left-padded and
+    responses right-padded to the widest, group ids offset so groups of different batches stay apart."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_width = max(b.prompt_ids.shape[1] for b in batches)
+    response_width = max(b.response_ids.shape[1] for b in batches)
+
+    def left(t, value):
+        return torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+
+    def right(t, value):
+        return torch.nn.functional.pad(t, (0, response_width - t.shape[1]), value=value)
+
+    offset, group_ids = 0, []
+    for b in batches:
+        group_ids.append(b.group_ids - b.group_ids.min() + offset if len(b) else b.group_ids)
+        offset = int(group_ids[-1].max()) + 1 if len(b) else offset
+    keys = batches[0].extras.keys()
+    return RolloutBatch(
+        prompt_ids=torch.cat([left(b.prompt_ids, pad_id) for b in batches]),
+        prompt_mask=torch.cat([left(b.prompt_mask, 0) for b in batches]),
+        response_ids=torch.cat([right(b.response_ids, pad_id) for b in batches]),
+        response_mask=torch.cat([right(b.response_mask, 0) for b in batches]),
+        logprobs=torch.cat([right(b.logprobs, 0.0) for b in batches]),
+        entropies=torch.cat([right(b.entropies, 0.0) for b in batches]),
+        group_ids=torch.cat(group_ids),
+        prompts=[p for b in batches for p in b.prompts],
+        completions=[c for b in batches for c in b.completions],
+        finish_reasons=[r for b in batches for r in b.finish_reasons],
+        extras={k: [v for b in batches for v in b.extras[k]] for k in keys})

@@ -59,10 +59,14 @@ class RLConfig:
     eval_on_start: bool = _f(False, "Evaluate once before training.")
     eval_batch_size: int = _f(64, "Prompts per evaluation generate call.")
     # --- rewards -------------------------------------------------------------------------------
-    reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, repro) "
-                     "or module:function / file.py:function with the TRL signature.")
+    reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, overlong, "
+                     "repro) or module:function / file.py:function with the TRL signature.")
     reward_weights: str = _f("", "Comma-separated weights, one per outcome reward (REPRO excluded; "
                              "its weight is --repro_alpha). Default all 1.0.")
+    overlong_buffer_length: int = _f(0, "The 'overlong' reward (DAPO's soft overlong punishment): the "
+                                     "penalty ramps from 0 to -1 over the last N tokens before "
+                                     "max_completion_length (0: a quarter of max_completion_length).")
+    overlong_penalty_factor: float = _f(1.0, "The 'overlong' reward: the penalty at the limit.")
     # --- REPRO process reward (--reward repro, or add ',repro' to other rewards) --------------
     repro_alpha: float = _f(0.1, "REPRO: weight alpha of the process advantage, A = A_outcome + alpha * A~.")
     repro_top_k: int = _f(20, "REPRO: segment starts scored per rollout (highest policy entropy first).")
@@ -144,8 +148,21 @@ class RLConfig:
     loss_type: str = _f("dapo", "Loss aggregation: grpo (per-sequence mean, then mean), dr_grpo "
                         "(sum / (B x max_completion_length)), dapo (mean over all tokens).",
                         choices=tuple(LOSS_TYPES))
-    scale_rewards: str = _f("group", "GRPO: divide advantages by the group std ('group') or not "
-                            "('none', Dr.GRPO).", choices=("group", "none"))
+    scale_rewards: str = _f("group", "GRPO: divide advantages by the group's reward std ('group'), by the "
+                            "std of the whole batch ('batch': a group differing only in a small reward "
+                            "term keeps a small advantage) or not at all ('none', Dr.GRPO).",
+                            choices=("group", "batch", "none"))
+    importance_sampling_level: str = _f("token", "Importance ratio and clipping per token (PPO/GRPO) or per "
+                                        "sequence ('sequence': GSPO, the length-normalised sequence "
+                                        "ratio; its paper clips at epsilon 3e-4 / epsilon_high 4e-4).",
+                                        choices=("token", "sequence"))
+    mask_truncated_completions: bool = _f(False, "Leave completions cut at max_completion_length out of "
+                                          "the loss (they still count in their group's rewards).")
+    dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
+                                "sample fresh prompts until each process has its share of informative "
+                                "groups (at most dynamic_sampling_max_rounds rounds per step).")
+    dynamic_sampling_max_rounds: int = _f(4, "Dynamic sampling: generation rounds per step at most; "
+                                          "short after them, the step trains on the groups it has.")
     epsilon: float = _f(0.2, "PPO clip range (lower).")
     epsilon_high: float = _f(0.0, "Upper clip range, clip-higher as in DAPO (0: same as epsilon).")
     dual_clip: float = _f(0.0, "Dual-clip bound c > 1 for negative advantages (0: off; 3 is usual).")
@@ -205,6 +222,15 @@ class RLConfig:
         return [r for r in self.reward_names if r != "repro"] or ["accuracy"]
 
     @property
+    def policy_loss_name(self) -> str:
+        """The entry of ``algos.losses.POLICY_LOSSES`` this config uses."""
+        return "gspo" if self.importance_sampling_level == "sequence" else "vanilla"
+
+    @property
+    def overlong_buffer(self) -> int:
+        return self.overlong_buffer_length or max(1, self.max_completion_length // 4)
+
+    @property
     def agg_mode(self) -> str:
         return LOSS_TYPES[self.loss_type]
 
@@ -240,6 +266,15 @@ class RLConfig:
             bad("epsilon", "clip ranges must be > 0")
         if self.dual_clip and self.dual_clip <= 1:
             bad("dual_clip", "must be > 1 (or 0 for off)")
+        if self.dual_clip and self.importance_sampling_level == "sequence":
+            bad("dual_clip", "applies to token-level ratios; GSPO (--importance_sampling_level sequence) "
+                "clips whole sequences: set it to 0")
+        if self.dynamic_sampling and self.num_generations < 2:
+            bad("dynamic_sampling", "compares the completions of a prompt: use num_generations >= 2")
+        if self.dynamic_sampling_max_rounds < 1:
+            bad("dynamic_sampling_max_rounds", "must be >= 1")
+        if self.overlong_buffer_length < 0 or self.overlong_buffer_length > self.max_completion_length:
+            bad("overlong_buffer_length", f"must be in [0, max_completion_length={self.max_completion_length}]")
         if self.beta < 0 and self.beta != -1.0:
             bad("beta", "must be >= 0 (or -1 for the algorithm default)")
         if self.kl_estimator not in ("", "k1", "k2", "k3"):

@@ -6,17 +6,23 @@ final advantage is
     A_t = A_outcome,t + alpha * Ã_t,      Ã_t = sum_{s >= t} gamma^(s-t) * r̃_s   (gamma = 1)
 
 where r̃ are the process rewards (``rewards.repro``: one per scored segment, on the segment's last
-token) normalised in the way that matches the algorithm:
+token; r_1 = S_1 - S_b, r_j = S_j - S_{j-1}, so a rollout's rewards sum to its net progress
+P = S_n - S_b) normalised at the level of the *rollout*, in the way that matches the algorithm:
 
-    GRPO, PPO              "group"         r̃ = (r - mean_g) / (std_g + 1e-6)
-    REINFORCE++            "batch_whiten"  r̃ = (r - mean) * rsqrt(var + 1e-8)   (verl masked_whiten)
-    REINFORCE++-baseline   "group_mean"    r̃ = r - mean_g
+    r̃_first = (r_first - b) / σ,   r̃_j = r_j / σ   (later points)
 
-Statistics run over the *rewarded positions* only (``reward_mask``): mean_g/std_g over every
-rewarded token of every rollout in prompt group g (std unbiased; a group with a single rewarded
-position gets std 1). Unlike the reference code, no zero is added per rollout for its baseline slot.
-For PPO the normalised term is folded into the token rewards that GAE consumes (the trainer's job);
-here ``repro_advantage`` gives the return-to-go form used by GRPO / REINFORCE++.
+    GRPO, PPO              "group"         b, σ = mean and std of P over the prompt's group
+    REINFORCE++            "batch_whiten"  b, σ = mean and std of P over the batch (+1e-8 in σ²)
+    REINFORCE++-baseline   "group_mean"    b = mean of P over the group, σ = 1
+
+so Ã_0 = (P - b) / σ: the process advantage of a rollout depends on how far it got, not on how
+many points were scored on the way. Normalising each point instead, r̃ = (r - mean_g) / std_g as
+the paper's code does, gives Ã_0 = (S_n - n·mean_g) / std_g: with identical progress a rollout with
+2 points got +3.3 and one with 20 points -4.4, so it rewarded scoring fewer points. Rollouts with
+no scored point count in the statistics with P = 0 and receive no term. Group statistics follow
+``algos.advantages.group_mean_std`` (unbiased std; a size-1 group is compared with the batch).
+For PPO the normalised rewards are folded into the token rewards that GAE consumes (the trainer's
+job); ``repro_advantage`` gives the return-to-go form used by GRPO / REINFORCE++.
 
 All functions are pure and vectorised over (B, T) tensors.
 """
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from algos.advantages import masked_whiten
+from algos.advantages import group_mean_std
 
 __all__ = [
     "ALGO_TO_MODE",
@@ -58,40 +64,34 @@ def normalize_process_rewards(
     group_ids: torch.Tensor,
     mode: str = "group",
     eps: float = 1e-6,
+    reduce=None,
 ) -> torch.Tensor:
-    """Normalise process rewards over rewarded positions; 0 elsewhere. Returns float32 (B, T).
+    """Normalise process rewards per rollout; 0 off the rewarded positions. Returns float32 (B, T).
 
-    mode "group":        r̃ = (r - mean_g) / (std_g + eps), mean/std over all rewarded positions of
-                         the rollouts with the same ``group_ids`` (unbiased std; n_g = 1 -> std 1).
-    mode "batch_whiten": r̃ = (r - mean) * rsqrt(var + 1e-8) over all rewarded positions of the batch
-                         (``algos.advantages.masked_whiten``, verl convention; n = 1 -> 0).
-    mode "group_mean":   r̃ = r - mean_g.
+    P_i = sum of rollout i's rewards; the first rewarded position gets (r - b_i) / σ_i, the later
+    ones r / σ_i, with (b, σ) by ``mode`` (module docstring): "group" (σ + eps), "batch_whiten"
+    (sqrt(var + 1e-8), verl ``masked_whiten``), "group_mean" (σ = 1). ``reduce`` sums over
+    processes for the batch statistics.
     """
     _check(token_rewards, reward_mask)
     if mode not in MODES:
         raise ValueError(f"unknown process-reward normalisation {mode!r}; choose one of {MODES}")
-    x = token_rewards.to(torch.float32)
-    m = reward_mask.to(torch.bool)
-    mf = m.to(x.dtype)
-    if mode == "batch_whiten":
-        return masked_whiten(x, mf) * mf
-
-    ids = torch.as_tensor(group_ids, device=x.device)
-    if ids.dim() != 1 or ids.shape[0] != x.shape[0]:
-        raise ValueError(f"group_ids must have shape ({x.shape[0]},), got {tuple(ids.shape)}")
-    _, inverse = torch.unique(ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    xd = x.double()
-    count = torch.zeros(n_groups, dtype=torch.float64, device=x.device)
-    count.index_add_(0, inverse, mf.double().sum(-1))
-    total = torch.zeros_like(count).index_add_(0, inverse, (xd * mf).sum(-1))
-    mean_g = total / count.clamp(min=1)
-    centred = (xd - mean_g[inverse][:, None]) * mf
-    if mode == "group_mean":
-        return centred.to(torch.float32)
-    sq = torch.zeros_like(count).index_add_(0, inverse, (centred**2).sum(-1))
-    std_g = torch.where(count > 1, torch.sqrt(sq / (count - 1).clamp(min=1)), torch.ones_like(count))
-    return (centred / (std_g[inverse][:, None] + eps)).to(torch.float32)
+    x = token_rewards.to(torch.float64)
+    mf = reward_mask.to(torch.bool).to(x.dtype)
+    progress = (x * mf).sum(dim=-1)
+    if mode == "batch_whiten":  # verl masked_whiten statistics over the rollouts of the batch
+        reduce = reduce or (lambda t: t)
+        n = reduce(progress.new_tensor(float(len(progress))))
+        mean = reduce(progress.sum()) / n.clamp(min=1)
+        var = reduce(((progress - mean) ** 2).sum()) / (n - 1).clamp(min=1)
+        baseline = mean.expand_as(progress)
+        scale = torch.sqrt(torch.where(n > 1, var, torch.zeros_like(var)) + 1e-8).expand_as(progress)
+    else:
+        baseline, std, _ = group_mean_std(progress, group_ids, reduce)
+        scale = std + eps if mode == "group" else torch.ones_like(progress)
+    first = mf * (mf.cumsum(dim=-1) == 1).to(x.dtype)
+    out = (x * mf - baseline[:, None] * first) / scale[:, None]
+    return out.to(torch.float32)
 
 
 def return_to_go(x: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
@@ -118,6 +118,7 @@ def repro_advantage(
     group_ids: torch.Tensor,
     mode: str = "group",
     gamma: float = 1.0,
+    reduce=None,
 ) -> torch.Tensor:
     """Ã (B, T) float32: return-to-go of the normalised process rewards, masked by ``response_mask``.
 
@@ -125,6 +126,6 @@ def repro_advantage(
     (its answer part, padding) get 0. Add ``alpha * Ã`` to the outcome advantage.
     """
     _check(token_rewards, reward_mask, response_mask)
-    r = normalize_process_rewards(token_rewards, reward_mask, group_ids, mode)
+    r = normalize_process_rewards(token_rewards, reward_mask, group_ids, mode, reduce=reduce)
     rtg = return_to_go(r, reward_mask, gamma)
     return rtg * response_mask.to(rtg.dtype)

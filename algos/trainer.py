@@ -1,10 +1,13 @@
 """The RL trainer on Accelerate: GRPO, PPO, REINFORCE++ and REINFORCE++-baseline.
 
-One step: sample a rollout batch -> rewards -> reference log-probs (only when the KL
-coefficient is > 0) -> values (PPO) -> advantages -> ``num_iterations`` passes of
-mini-batches with gradient accumulation and clipping -> logs -> checkpoint.
-The math lives in pure functions (``algos.advantages``, ``algos.kl``, ``algos.losses``);
-this module composes them.
+One step: sample a rollout batch and score it (with dynamic sampling: rounds until the step has
+its informative groups) -> reference log-probs (only when the KL coefficient is > 0) -> values
+(PPO) -> advantages -> ``num_iterations`` passes of mini-batches with gradient accumulation and
+clipping -> logs -> checkpoint. The math lives in pure functions chosen through registries
+(``algos.advantages.ADVANTAGE_ESTIMATORS``, ``algos.losses.POLICY_LOSSES``, ``algos.kl``); this
+module composes them. With several processes, every batch statistic (loss denominators,
+whitening, batch baselines) is the global batch's: each process's loss is its share of the global
+aggregate, so N processes compute the gradient of one process holding the whole batch.
 """
 from __future__ import annotations
 
@@ -21,20 +24,50 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from algos import advantages as adv
-from algos.batch import RolloutBatch
+from algos.advantages import ADVANTAGE_ESTIMATORS, ESTIMATOR_FOR_ALGORITHM
+from algos.batch import RolloutBatch, concat_batches
 from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
 from algos.data import ArithmeticTask, build_prompt, load_records
+from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
 from algos.importance import engine_is_weights
 from algos.kl import kl_estimate
 from algos.logprobs import entropy_from_logits, logprobs_from_logits
-from algos.losses import aggregate, policy_loss, value_loss
+from algos.losses import aggregate, aggregation_denominator, policy_loss, value_loss
 from algos.models import load_causal_lm, load_tokenizer, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
+
+
+_LOSS_KEYS = ("loss/policy", "kl", "loss/value")
+
+
+@dataclasses.dataclass
+class UpdateInputs:
+    """What the update needs besides the batch, all (B, T) (None where not computed)."""
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    old_values: torch.Tensor | None
+    returns: torch.Tensor | None
+
+
+def _select_rewards(rewards, rows: list[int]):
+    from rewards import RewardOutput
+
+    return RewardOutput(total=rewards.total[rows], components={k: v[rows] for k, v in rewards.components.items()})
+
+
+def _concat_rewards(parts):
+    from rewards import RewardOutput
+
+    if len(parts) == 1:
+        return parts[0]
+    return RewardOutput(total=torch.cat([p.total for p in parts]),
+                        components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components})
 
 
 def micro_batches(rows: list[int], count: int) -> list[list[int]]:
@@ -132,8 +165,12 @@ class RLTrainer:
         if reward_stack is None:
             from rewards import RewardStack
 
+            from rewards.overlong import soft_overlong_punishment
+
             weights = [float(w) for w in c.reward_weights.split(",")] if c.reward_weights else None
-            reward_stack = RewardStack(c.outcome_rewards, weights)
+            specs = [soft_overlong_punishment(c.max_completion_length, c.overlong_buffer, c.overlong_penalty_factor)
+                     if name == "overlong" else name for name in c.outcome_rewards]
+            reward_stack = RewardStack(specs, weights)
         self.rewards = reward_stack
         self.repro = None
         if c.use_repro:
@@ -312,8 +349,7 @@ class RLTrainer:
         extras["dataset_index"] = mine
         return [self.prompt_text(r["question"]) for r in records], extras
 
-    def rollout(self) -> RolloutBatch:
-        prompts, extras = self.next_prompts()
+    def rollout(self, prompts: list[str], extras: dict[str, list]) -> RolloutBatch:
         # One autocast region around the whole rollout: under --bf16 each weight is cast to bf16
         # once per rollout (autocast caches casts until its outermost region exits) instead of
         # once per decode step; the numbers are the same.
@@ -369,23 +405,26 @@ class RLTrainer:
 
     @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """The reference policy's log-probs, in the policy's precision (under --bf16 the same
+        autocast as the policy's forward: at step 0 the KL is exactly 0)."""
         if self.ref_model is not None:
-            return self._batched_forward(self.ref_model, batch)[0]
+            with self.accelerator.autocast():
+                return self._batched_forward(self.ref_model, batch)[0]
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
             return self._batched_forward(self.model, batch)[0]
 
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over processes (itself with one): global batch statistics."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
+
     def compute_advantages(self, batch, token_rewards, values):
-        c, mask, groups = self.config, batch.response_mask, batch.group_ids
-        returns = None
-        if c.algorithm == "grpo":
-            a = adv.grpo(token_rewards, mask, groups, norm_by_std=c.scale_rewards == "group")
-        elif c.algorithm == "reinforce_pp":
-            a = adv.reinforce_pp(token_rewards, mask, c.gamma)
-        elif c.algorithm == "reinforce_pp_baseline":
-            a = adv.reinforce_pp_baseline(token_rewards, mask, groups)
-        else:
-            a, returns = adv.gae(token_rewards, values, mask, c.gamma, c.lam)
-        return a, returns
+        """(advantages, returns or None) from the algorithm's estimator in the registry."""
+        c = self.config
+        estimator = ADVANTAGE_ESTIMATORS[ESTIMATOR_FOR_ALGORITHM[c.algorithm]]
+        return estimator(token_rewards, batch.response_mask, group_ids=batch.group_ids, values=values,
+                         gamma=c.gamma, lam=c.lam, scale=c.scale_rewards, reduce=self.sum_over_processes)
 
     def repro_process_term(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """REPRO's term, scored with the current policy: for PPO the group-normalised process
@@ -398,25 +437,87 @@ class RLTrainer:
         rewards = out.token_rewards.to(batch.response_mask.device)
         reward_mask = out.reward_mask.to(rewards.device)
         if c.algorithm == "ppo":
-            term = normalize_process_rewards(rewards, reward_mask, batch.group_ids, mode)
+            term = normalize_process_rewards(rewards, reward_mask, batch.group_ids, mode,
+                                             reduce=self.sum_over_processes)
             term = term * reward_mask
         else:
-            term = repro_advantage(rewards, reward_mask, batch.response_mask, batch.group_ids, mode)
+            term = repro_advantage(rewards, reward_mask, batch.response_mask, batch.group_ids, mode,
+                                   reduce=self.sum_over_processes)
         stats = {f"repro/{k}": v for k, v in out.stats.items()}
         return term, stats
+
+    def score(self, batch: RolloutBatch):
+        """The reward stack on a rollout batch (completion ids cut at each response's length)."""
+        lengths = batch.response_mask.sum(dim=1)
+        return self.rewards(batch.prompts, batch.completions,
+                            [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)],
+                            **batch.extras)
+
+    def sample(self):
+        """(batch, rewards, every generated sequence's reward components, stats) for one step.
+
+        With --dynamic_sampling, groups whose rewards are all equal are dropped and fresh prompts
+        sampled until this process has ``prompts_per_device`` informative groups, for at most
+        --dynamic_sampling_max_rounds rounds. Rounds run in step on every process (the prompt
+        position, part of the resumable state, advances the same way everywhere); a process that
+        is full skips generating. Short after the last round, the step trains on what it has."""
+        c = self.config
+        if not c.dynamic_sampling:
+            batch = self.rollout(*self.next_prompts())
+            rewards = self.score(batch)
+            return batch, rewards, rewards, {}
+        need, have, rounds, generated, informative = c.prompts_per_device, 0, 0, 0, 0
+        parts, seen, last = [], [], None
+        while True:
+            rounds += 1
+            prompts, extras = self.next_prompts()
+            if have < need:
+                batch = self.rollout(prompts, extras)
+                rewards = self.score(batch)
+                seen.append(rewards)
+                keep = informative_groups(rewards.total, batch.group_ids.cpu())
+                generated += len(set(batch.group_ids.tolist()))
+                informative += len(set(batch.group_ids[keep.to(batch.group_ids.device)].tolist()))
+                rows = first_groups(keep, batch.group_ids.cpu(), need - have)
+                if rows:
+                    parts.append((batch.select(rows), _select_rewards(rewards, rows)))
+                    have += len(set(batch.group_ids[rows].tolist()))
+                last = (batch, rewards)
+            missing = self.sum_over_processes(torch.tensor(float(need - have), device=self.accelerator.device))
+            if float(missing) <= 0 or rounds >= c.dynamic_sampling_max_rounds:
+                break
+        if not parts:  # nothing informative: one group (zero advantage) keeps this process in step
+            batch, rewards = last
+            rows = first_groups(torch.ones(len(batch), dtype=torch.bool), batch.group_ids.cpu(), 1)
+            parts.append((batch.select(rows), _select_rewards(rewards, rows)))
+        if have < need:
+            print(f"[repro-rl] step {self.step + 1}, process {self.accelerator.process_index}: dynamic "
+                  f"sampling found {have} of {need} informative groups in {rounds} rounds; training on those",
+                  flush=True)
+        batch = concat_batches([b for b, _ in parts], self.tokenizer.pad_token_id)
+        rewards = _concat_rewards([r for _, r in parts])
+        stats = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/groups": float(have),
+                 "dynamic_sampling/informative_fraction": informative / max(generated, 1)}
+        return batch, rewards, _concat_rewards(seen), stats
+
+    def loss_mask(self, batch: RolloutBatch) -> torch.Tensor:
+        """The tokens the loss sees: the response, less truncated completions with
+        --mask_truncated_completions (TRL; DAPO's overlong filtering)."""
+        mask = batch.response_mask.float()
+        if self.config.mask_truncated_completions:
+            finished = torch.tensor([r != "length" for r in batch.finish_reasons], device=mask.device)
+            mask = mask * finished[:, None].to(mask.dtype)
+        return mask
 
     def training_step(self) -> dict:
         c, acc = self.config, self.accelerator
         t0 = time.perf_counter()
-        batch = self.rollout()
+        batch, rewards, generated_rewards, sampling_stats = self.sample()
         t_gen = time.perf_counter() - t0
         mask = batch.response_mask.float()
         lengths = mask.sum(dim=1)
 
         t1 = time.perf_counter()
-        rewards = self.rewards(batch.prompts, batch.completions,
-                               [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)],
-                               **batch.extras)
         scores = rewards.total.to(mask.device)
         last = (lengths.long() - 1).clamp(min=0)
         token_rewards = torch.zeros_like(mask)
@@ -456,13 +557,16 @@ class RLTrainer:
         t_prep = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        update_stats = self.update(batch, advantages, old_logp, ref_logp, old_values, returns)
+        update_stats = self.update(batch, UpdateInputs(advantages, self.loss_mask(batch), old_logp, ref_logp,
+                                                       old_values, returns))
         t_update = time.perf_counter() - t3
 
         # Metrics (averaged over processes) ------------------------------------------------------
         step_time = time.perf_counter() - t0
+        all_scores = generated_rewards.total  # every sequence generated this step (all rounds)
         local = {
-            "reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else scores.new_zeros(()),
+            "reward/mean": all_scores.mean(),
+            "reward/std": all_scores.std() if len(all_scores) > 1 else all_scores.new_zeros(()),
             "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
             "completion_length/clipped_ratio": torch.tensor(
                 sum(r == "length" for r in batch.finish_reasons) / len(batch)),
@@ -473,8 +577,12 @@ class RLTrainer:
         }
         if "weight_sync_seconds" in getattr(self.engine, "last_timing", {}):
             local["time/weight_sync_seconds"] = torch.tensor(self.engine.last_timing["weight_sync_seconds"])
-        for name, values in rewards.components.items():
+        for name, values in generated_rewards.components.items():
             local[f"rewards/{name}"] = torch.nanmean(values).nan_to_num(0.0)
+        if c.mask_truncated_completions:
+            local["loss/masked_truncated_fraction"] = torch.tensor(
+                sum(r == "length" for r in batch.finish_reasons) / max(len(batch), 1))
+        local.update({k: torch.tensor(v) for k, v in sampling_stats.items()})
         if kl_reward_mean is not None:
             local["kl"] = torch.tensor(kl_reward_mean)
         local.update(update_stats)
@@ -499,12 +607,19 @@ class RLTrainer:
         self._last_batch, self._last_rewards = batch, rewards
         return metrics
 
-    def update(self, batch, advantages, old_logp, ref_logp, old_values, returns) -> dict:
-        """num_iterations x steps_per_generation optimizer steps over the rollout batch."""
+    def update(self, batch: RolloutBatch, inputs: "UpdateInputs") -> dict:
+        """num_iterations x steps_per_generation optimizer steps over the rollout batch.
+
+        Each mini-batch's loss is aggregated over the *global* mini-batch: the denominator of the
+        loss aggregation mode (tokens, sequences or B x max_len) is summed over micro-batches and
+        processes, each micro-batch's loss is its numerator over that sum, times the number of
+        processes (DDP averages gradients) and of accumulation steps (``accelerator.backward``
+        divides by them). The gradient is then that of one process holding the whole batch."""
         c, acc = self.config, self.accelerator
         n = len(batch)
         sums: dict[str, float] = {}
         counts = 0
+        optimizer_steps = c.num_iterations * c.steps_per_generation
         self.model.train()
         for _ in range(c.num_iterations):
             order = torch.randperm(n) if c.steps_per_generation > 1 else torch.arange(n)
@@ -512,14 +627,13 @@ class RLTrainer:
                 mini = mini.tolist()
                 if c.gradient_accumulation_steps > 1:  # micro-batches of similar lengths pad less
                     mini = [mini[i] for i in rows_by_length(batch.attention_mask[mini].sum(dim=1))]
-                mini_mask = batch.response_mask[mini]
-                mini_tokens, mini_seqs = float(mini_mask.sum()), len(mini)
+                denominator = self.sum_over_processes(aggregation_denominator(
+                    inputs.loss_mask[mini], c.agg_mode, c.max_completion_length).to(acc.device))
                 for rows in micro_batches(mini, c.gradient_accumulation_steps):
                     with acc.accumulate(self.model):
                         stats = {}
                         if rows:  # EAGER batches may leave a micro-batch empty; it still counts
-                            stats = self._micro_step_by_length(batch, rows, advantages, old_logp, ref_logp,
-                                                               old_values, returns, mini_tokens, mini_seqs)
+                            stats = self._micro_step_by_length(batch, rows, inputs, denominator)
                             counts += 1
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(self.model.parameters(),
@@ -532,38 +646,39 @@ class RLTrainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
-        out = {k: v / counts for k, v in sums.items() if k != "grad_norm"}
+        # losses are summed shares of each mini-batch's loss; the other stats are micro-batch means
+        out = {k: v / (optimizer_steps if k in _LOSS_KEYS else max(counts, 1))
+               for k, v in sums.items() if k != "grad_norm"}
         if "grad_norm" in sums:
-            out["grad_norm"] = sums["grad_norm"] / (c.num_iterations * c.steps_per_generation)
+            out["grad_norm"] = sums["grad_norm"] / optimizer_steps
         return out
 
-    def _micro_step_by_length(self, batch: RolloutBatch, rows, *args) -> dict:
+    def _micro_step_by_length(self, batch: RolloutBatch, rows, inputs, denominator) -> dict:
         """One micro-batch as buckets of rows of similar length (``length_buckets``), each bucket
-        trimmed of its padding and run forward/backward on its own. Each bucket's loss carries its
-        share of the mini-batch, so the summed gradient is the micro-batch's; the stats returned
-        are the micro-batch's (the buckets' stats weighted by their share of it)."""
-        c, acc = self.config, self.accelerator
+        trimmed of its padding and run forward/backward on its own. Each bucket's loss is already
+        its share of the mini-batch (global denominator), so the summed gradient is the
+        micro-batch's; loss stats add up, the others are weighted by the bucket's tokens."""
+        acc = self.accelerator
         buckets = length_buckets(rows, batch.attention_mask[rows].sum(dim=1).tolist(), self.bucket_min_fill)
         if len(buckets) == 1:
-            return self._micro_step(batch.select(rows), rows, *args)
+            return self._micro_step(batch.select(rows), rows, inputs, denominator)
         tokens = max(float(batch.response_mask[rows].sum()), 1.0)
         out: dict[str, float] = {}
         for i, bucket in enumerate(buckets):
             # Gradients of all buckets are summed locally; processes synchronise once, after the last.
             with contextlib.nullcontext() if i == len(buckets) - 1 else acc.no_sync(self.model):
-                stats = self._micro_step(batch.select(bucket), bucket, *args)
+                stats = self._micro_step(batch.select(bucket), bucket, inputs, denominator)
             token_share = float(batch.response_mask[bucket].sum()) / tokens
-            loss_share = token_share if c.agg_mode == "token-mean" else len(bucket) / len(rows)
             for k, v in stats.items():
-                out[k] = out.get(k, 0.0) + v * (loss_share if k in ("loss/policy", "kl", "loss/value") else token_share)
+                out[k] = out.get(k, 0.0) + v * (1.0 if k in _LOSS_KEYS else token_share)
         return out
 
-    def _micro_step(self, micro: RolloutBatch, rows, advantages, old_logp, ref_logp, old_values,
-                    returns, mini_tokens, mini_seqs) -> dict:
+    def _micro_step(self, micro: RolloutBatch, rows, inputs: "UpdateInputs", denominator) -> dict:
         c, acc = self.config, self.accelerator
         mask = micro.response_mask.float()
+        loss_mask = inputs.loss_mask[rows]
         logp, values, entropy = self.forward(self.model, micro, with_entropy=self.entropy_in_update)
-        old = old_logp[rows] if old_logp is not None else logp.detach()
+        old = inputs.old_logp[rows] if inputs.old_logp is not None else logp.detach()
         stats = {}
         is_weights = None
         if c.use_vllm:  # engine mismatch: pi_train (old) against the engine's own log-probs
@@ -576,27 +691,27 @@ class RLTrainer:
         if entropy is not None:
             stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
         pg_loss, pg_stats = policy_loss(
-            logp, old, advantages[rows], mask, epsilon_low=c.epsilon,
+            logp, old, inputs.advantages[rows], loss_mask, epsilon_low=c.epsilon,
             epsilon_high=c.epsilon_high or None, dual_clip=c.dual_clip or None,
-            agg_mode=c.agg_mode, max_len=c.max_completion_length, is_weights=is_weights)
+            agg_mode=c.agg_mode, max_len=c.max_completion_length, is_weights=is_weights,
+            loss=c.policy_loss_name, denominator=denominator)
         loss = pg_loss
-        stats.update({"loss/policy": pg_loss.item(), "clip_fraction": float(pg_stats["clipfrac"]),
+        # losses are logged as this process's share of the global loss, times the process count:
+        # the mean over processes (the metrics' reduction) is then the global loss
+        world = acc.num_processes
+        stats.update({"loss/policy": pg_loss.item() * world, "clip_fraction": float(pg_stats["clipfrac"]),
                       "approx_kl": float(pg_stats["approx_kl"])})
-        if ref_logp is not None and not c.kl_in_reward:
-            kl = kl_estimate(logp, ref_logp[rows], c.kl_kind)
-            kl_loss = aggregate(kl, mask, c.agg_mode, max_len=c.max_completion_length)
+        if inputs.ref_logp is not None and not c.kl_in_reward:
+            kl = kl_estimate(logp, inputs.ref_logp[rows], c.kl_kind)
+            kl_loss = aggregate(kl, loss_mask, c.agg_mode, c.max_completion_length, denominator)
             loss = loss + c.kl_coef * kl_loss
-            stats["kl"] = kl_loss.item()
-        if values is not None and returns is not None:
-            vf_loss, vf_stats = value_loss(values, old_values[rows], returns[rows], mask,
-                                           c.cliprange_value, c.agg_mode, c.max_completion_length)
+            stats["kl"] = kl_loss.item() * world
+        if values is not None and inputs.returns is not None:
+            vf_loss, vf_stats = value_loss(values, inputs.old_values[rows], inputs.returns[rows], loss_mask,
+                                           c.cliprange_value, c.agg_mode, c.max_completion_length, denominator)
             loss = loss + c.vf_coef * vf_loss
-            stats.update({"loss/value": vf_loss.item(), "value_clip_fraction": float(vf_stats["vf_clipfrac"])})
-        # Weight the micro-batch so the accumulated gradient equals the mini-batch aggregate
-        # (accelerator.backward divides by gradient_accumulation_steps).
-        share = (float(mask.sum()) / max(mini_tokens, 1.0) if c.agg_mode == "token-mean"
-                 else len(rows) / mini_seqs)
-        acc.backward(loss * share * c.gradient_accumulation_steps)
+            stats.update({"loss/value": vf_loss.item() * world, "value_clip_fraction": float(vf_stats["vf_clipfrac"])})
+        acc.backward(loss * world * c.gradient_accumulation_steps)
         return stats
 
     # The loop ---------------------------------------------------------------------------------

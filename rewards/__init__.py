@@ -8,6 +8,7 @@ Quick use::
 """
 
 from .outcome import accuracy, format_reward
+from .overlong import overlong_penalty, soft_overlong_punishment
 from .registry import RewardConfigError, register_reward, resolve_reward
 from .stack import RewardError, RewardOutput, RewardStack, component_means
 from .verify import extract_boxed, is_correct
@@ -22,6 +23,8 @@ __all__ = [
     "component_means",
     "accuracy",
     "format_reward",
+    "overlong_penalty",
+    "soft_overlong_punishment",
     "is_correct",
     "extract_boxed",
 ]

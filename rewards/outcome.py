@@ -38,11 +38,11 @@ def accuracy(prompts, completions, answer, **kwargs) -> list[float | None]:
 
 def _format_score(text: str) -> float:
     spans = _box_spans(text)
-    if not spans:
-        return 0.0
+    if not any(text[start:end].strip() for start, end in spans):
+        return 0.0  # no box, or only empty ones: nothing answered
     if len(spans) == 1:
         start, end = spans[0]
-        if text[start:end].strip() and len(text[end + 1 :].strip()) <= FORMAT_TAIL_CHARS:
+        if len(text[end + 1 :].strip()) <= FORMAT_TAIL_CHARS:
             return 1.0
     return 0.5
 
@@ -53,7 +53,8 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
     Rule: 1.0 if there is exactly one complete ``\\boxed{...}`` (or ``\\fbox{...}``; nested
     boxes count separately), its content is not blank, and the text after its closing
     brace is at most 20 characters once stripped of surrounding whitespace (room for
-    "$.", "\\]", "</think>", "<|im_end|>"); 0.5 if there is at least one complete box
-    but the rule fails (several boxes, an empty box, or too much text after it); else 0.0.
+    "$.", "\\]", "</think>", "<|im_end|>"); 0.5 if there is a box with content but the rule
+    fails (several boxes, or too much text after it); 0.0 without a box or with empty boxes
+    only (an empty ``\\boxed{}`` answers nothing).
     """
     return [_format_score(completion_text(c)) for c in completions]

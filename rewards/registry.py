@@ -19,8 +19,9 @@ from .outcome import accuracy, format_reward
 __all__ = ["RewardConfigError", "register_reward", "resolve_reward", "registered_rewards"]
 
 _REGISTRY: dict[str, Callable] = {"accuracy": accuracy, "format": format_reward}
-# Names provided by modules that register themselves on import (imported on first use).
-_LAZY: dict[str, str] = {"repro": "rewards.repro"}
+# Names that are not sequence rewards: the trainer handles them itself.
+_PROCESS_REWARDS = {"repro": "REPRO is a process reward, scored on the policy by the trainer "
+                             "(--reward accuracy,repro); a RewardStack holds sequence-level rewards only"}
 
 
 class RewardConfigError(ValueError):
@@ -36,8 +37,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def registered_rewards() -> list[str]:
-    """Sorted names accepted by :func:`resolve_reward` (lazy ones included)."""
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    """Sorted names accepted by :func:`resolve_reward`."""
+    return sorted(_REGISTRY)
 
 
 def register_reward(name: str):
@@ -76,24 +77,8 @@ def _hint() -> str:
 
 
 def _lookup_name(spec: str) -> Callable:
-    if spec not in _REGISTRY and spec in _LAZY:
-        module = _LAZY[spec]
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            raise RewardConfigError(
-                f"reward {spec!r} needs module {module}, which could not be imported "
-                f"({_describe(exc)}); check the installation"
-            ) from exc
-        except Exception as exc:
-            raise RewardConfigError(
-                f"reward {spec!r}: importing {module} failed ({_describe(exc)})"
-            ) from exc
-        if spec not in _REGISTRY:
-            raise RewardConfigError(
-                f"reward {spec!r}: module {module} was imported but did not register it "
-                f"(decorate the function with @register_reward({spec!r}))"
-            )
+    if spec in _PROCESS_REWARDS:
+        raise RewardConfigError(f"reward {spec!r}: {_PROCESS_REWARDS[spec]}")
     if spec not in _REGISTRY:
         raise RewardConfigError(f"unknown reward {spec!r}; {_hint()}")
     return _REGISTRY[spec]

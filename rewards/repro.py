@@ -15,8 +15,9 @@ For each rollout:
    (:mod:`rewards.repro_packing`);
 4. dual score S_j = (1 - w)(1 - tanh(L_j / L_b)) + w (tau_b(J_1..J_j) + 1) / 2, L = -J
    (:func:`rewards.repro_scoring.dual_scores`);
-5. process rewards r_1 = S_1, r_j = S_j - S_{j-1} (they sum to S_n), r_j on the last token of
-   its segment: response position t_j - 1 for the point with prefix t_j.
+5. process rewards r_1 = S_1 - S_b, r_j = S_j - S_{j-1} (they sum to the net progress S_n - S_b,
+   S_b = ``empty_score()``, the score of the empty prefix), r_j on the last token of its segment:
+   response position t_j - 1 for the point with prefix t_j.
 
 The output is token-level and unnormalised; :func:`algos.process_advantages.repro_advantage`
 turns it into the Ã_t term of ``A_t = A_outcome,t + alpha * Ã_t``.
@@ -200,7 +201,7 @@ class ReproReward:
         for b, req, J in zip(rows, requests, Js):
             magnitude, stability, score = dual_scores(J, cfg.stability_weight, cfg.ema)
             positions = torch.tensor(req.points[1:], dtype=torch.long) - 1  # last token of each segment
-            token_rewards[b, positions] = step_rewards(score).float()
+            token_rewards[b, positions] = step_rewards(score, self.empty_score()).float()
             reward_mask[b, positions] = True
             final_score[b] = float(score[-1])
             J_per_row[b] = J

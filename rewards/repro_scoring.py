@@ -204,7 +204,10 @@ def dual_scores(
     return magnitude, stability, score
 
 
-def step_rewards(scores) -> torch.Tensor:
-    """r_1 = S_1, r_j = S_j - S_{j-1}: differences that sum to the final score S_n."""
+def step_rewards(scores, baseline: float = 0.0) -> torch.Tensor:
+    """r_1 = S_1 - S_b, r_j = S_j - S_{j-1}: differences that sum to the net progress S_n - S_b.
+
+    ``baseline`` is S_b, the score of the empty prefix (``ReproReward.empty_score``); measuring the
+    first step from it keeps a rollout's total independent of how many points it was cut into."""
     S = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    return torch.diff(S, prepend=S.new_zeros(1))
+    return torch.diff(S, prepend=S.new_full((1,), float(baseline)))

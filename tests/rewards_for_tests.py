@@ -26,3 +26,13 @@ def record_rank(prompts, completions, dataset_index=None, **kwargs):
 def negative_length(prompts, completions, **kwargs):
     """Never > 0 (so full EAGER sees every group as unsolved), yet varies with length."""
     return [-len(c) / 100.0 for c in completions]
+
+
+def constant_for_even_rows(prompts, completions, dataset_index=None, **kwargs):
+    """All-equal rewards for prompts at even dataset rows (uninformative groups), length otherwise."""
+    return [0.0 if i % 2 == 0 else len(c) / 100.0 for c, i in zip(completions, dataset_index)]
+
+
+def zero_reward(prompts, completions, **kwargs):
+    """The same reward for everything: no group is informative."""
+    return [0.0] * len(completions)

@@ -179,31 +179,49 @@ GRPO_M = [[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
 def test_grpo_groups_of_different_sizes_non_contiguous_ids():
     # group 7: mean 0.5, unbiased var (0.25+0.25+0)/2 = 0.25, std 0.5
     # group 3: mean 1.0, unbiased var (1+1)/1 = 2, std sqrt(2)
-    # group 11: size 1 -> mean 0, std 1
+    # group 11: size 1 -> the mean of the other five scores, (1 + 2 + 0 + 0 + 0.5) / 5 = 0.7: A = 0
     eps = 1e-6
     a7 = 0.5 / (0.5 + eps)
     a3 = 1.0 / (math.sqrt(2.0) + eps)
-    a11 = 0.7 / (1.0 + eps)
+    a11 = 0.0
     per_seq = [a7, a3, -a7, a11, -a3, 0.0]
     expected = [[a * m for m in row] for a, row in zip(per_seq, GRPO_M)]
     out = grpo(t(GRPO_R), t(GRPO_M), torch.tensor(GRPO_IDS))
     close(out, expected, atol=1e-9)
 
 
+def test_grpo_singleton_groups_are_measured_against_the_rest_of_the_batch():
+    # group 0: scores 1, 0 -> mean 0.5, std sqrt(0.5); singletons: a right answer (1) and a
+    # formatted wrong one (0). Leave-one-out baselines: (2 - 1) / 3 = 1/3 and (2 - 0) / 3 = 2/3;
+    # batch std of 1, 0, 1, 0 (unbiased) = sqrt(1/3).
+    r = [[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]
+    m = [[1, 0], [1, 0], [1, 0], [1, 0]]
+    out = grpo(t(r), t(m), torch.tensor([0, 0, 1, 2]), eps=0.0)[:, 0]
+    s = math.sqrt(1 / 3)
+    close(out, [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5), (2 / 3) / s, (-2 / 3) / s], atol=1e-9)
+    assert out[3] < 0  # the wrong answer is no longer reinforced (verl's raw score gave it 0, a right one 1)
+    # alone in the batch: no baseline exists, advantage 0
+    close(grpo(t([[0.7]]), t([[1]]), torch.tensor([4]))[:, 0], [0.0], atol=1e-12)
+    # scale="batch" divides every group by the batch std
+    close(grpo(t(r), t(m), torch.tensor([0, 0, 1, 2]), scale="batch", eps=0.0)[:2, 0],
+          [0.5 / s, -0.5 / s], atol=1e-9)
+
+
 def test_grpo_without_std_normalisation_is_dr_grpo():
-    per_seq = [0.5, 1.0, -0.5, 0.7, -1.0, 0.0]  # s_i - mean_g (size-1 group: mean 0)
+    per_seq = [0.5, 1.0, -0.5, 0.0, -1.0, 0.0]  # s_i - mean_g (size-1 group: mean of the others, 0.7)
     expected = [[a * m for m in row] for a, row in zip(per_seq, GRPO_M)]
-    out = grpo(t(GRPO_R), t(GRPO_M), torch.tensor(GRPO_IDS), norm_by_std=False)
+    out = grpo(t(GRPO_R), t(GRPO_M), torch.tensor(GRPO_IDS), scale="none")
     close(out, expected, atol=1e-9)
 
 
 def test_grpo_float32_bool_mask_and_group_helper():
-    out = grpo(t(GRPO_R, torch.float32), t(GRPO_M).bool(), torch.tensor(GRPO_IDS), norm_by_std=False)
+    out = grpo(t(GRPO_R, torch.float32), t(GRPO_M).bool(), torch.tensor(GRPO_IDS), scale="none")
     assert out.dtype == torch.float32
-    close(out[:, 0], [0.5, 1.0, -0.5, 0.7, -1.0, 0.0], atol=1e-6)
+    close(out[:, 0], [0.5, 1.0, -0.5, 0.0, -1.0, 0.0], atol=1e-6)
     mean, std, n = group_mean_std(t([1.0, 2.0, 0.0, 0.7, 0.0, 0.5]), torch.tensor(GRPO_IDS))
-    close(mean, [0.5, 1.0, 0.5, 0.0, 1.0, 0.5], atol=1e-12)
-    close(std, [0.5, math.sqrt(2.0), 0.5, 1.0, math.sqrt(2.0), 0.5], atol=1e-12)
+    # the singleton (row 3): mean of the other five scores, std of all six (unbiased: 2.8 / 5)
+    close(mean, [0.5, 1.0, 0.5, 0.7, 1.0, 0.5], atol=1e-12)
+    close(std, [0.5, math.sqrt(2.0), 0.5, math.sqrt(0.56), math.sqrt(2.0), 0.5], atol=1e-12)
     close(n, [3.0, 2.0, 3.0, 1.0, 2.0, 3.0])
 
 
@@ -214,9 +232,11 @@ def test_grpo_matches_python_statistics_reference():
     ids = [rng.choice([-5, 2, 40, 1000]) for _ in range(12)]
     scores = [rng.uniform(-2, 2) for _ in ids]
     expected = []
-    for gid, s in zip(ids, scores):
+    for i, (gid, s) in enumerate(zip(ids, scores)):
         grp = [x for g, x in zip(ids, scores) if g == gid]
-        mean, std = (statistics.mean(grp), statistics.stdev(grp)) if len(grp) > 1 else (0.0, 1.0)
+        others = scores[:i] + scores[i + 1:]
+        mean, std = ((statistics.mean(grp), statistics.stdev(grp)) if len(grp) > 1
+                     else (statistics.mean(others), statistics.stdev(scores)))
         expected.append((s - mean) / (std + 1e-6))
     rewards = [[0.0, s] for s in scores]
     out = grpo(t(rewards), torch.ones(12, 2), torch.tensor(ids))
@@ -250,8 +270,9 @@ def test_reinforce_pp_baseline_group_mean_then_batch_whiten():
     ids = [5, 2, 5, 9, 2]
     r = [[0.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.4], [1.0, 0.0, 0.0]]
     m = [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
-    # scores 1, 3, 0, 0.4, 1; group 5 mean 0.5 -> 0.5, -0.5; group 2 mean 2 -> 1, -1; group 9 size 1 -> 0.4
-    per_seq = [0.5, 1.0, -0.5, 0.4, -1.0]
+    # scores 1, 3, 0, 0.4, 1; group 5 mean 0.5 -> 0.5, -0.5; group 2 mean 2 -> 1, -1;
+    # group 9 size 1 -> 0.4 - mean of the others (1 + 3 + 0 + 1) / 4 = -0.85
+    per_seq = [0.5, 1.0, -0.5, -0.85, -1.0]
     flat = [a for a, row in zip(per_seq, m) for x in row if x]
     out = reinforce_pp_baseline(t(r), t(m), torch.tensor(ids))
     close(out, scatter_valid(m, py_whiten(flat)), atol=1e-9)
@@ -274,7 +295,14 @@ def test_rloo_leave_one_out_with_singleton_group():
 
 def test_estimator_registry():
     assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo"}
-    assert ADVANTAGE_ESTIMATORS["rloo"] is rloo and ADVANTAGE_ESTIMATORS["gae"] is gae
+    # one signature: (token_rewards, mask, **inputs) -> (advantages, returns or None)
+    r, m, ids = t(GRPO_R), t(GRPO_M), torch.tensor(GRPO_IDS)
+    inputs = dict(group_ids=ids, values=torch.zeros_like(r), gamma=1.0, lam=0.9, scale="group")
+    for name, fn in ADVANTAGE_ESTIMATORS.items():
+        advantages, returns = fn(r, m, **inputs)
+        assert advantages.shape == r.shape and (returns is not None) == (name == "gae")
+    close(ADVANTAGE_ESTIMATORS["rloo"](r, m, **inputs)[0], rloo(r, m, ids))
+    close(ADVANTAGE_ESTIMATORS["gae"](r, m, **inputs)[0], gae(r, torch.zeros_like(r), m, 1.0, 0.9)[0])
 
 
 # ----------------------------------------------------------------------------- KL
@@ -512,3 +540,80 @@ def test_logprobs_gradient_is_onehot_minus_softmax():
     logits = t([[0.0, math.log(2.0), math.log(3.0)]]).requires_grad_(True)
     logprobs_from_logits(logits, torch.tensor([1])).sum().backward()
     close(logits.grad, [[-1 / 6, 1 - 2 / 6, -3 / 6]], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- policy-loss registry
+
+
+def test_policy_loss_registry_has_one_signature():
+    from algos.losses import POLICY_LOSSES
+
+    assert {"vanilla", "gspo"} <= set(POLICY_LOSSES)
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    for fn in POLICY_LOSSES.values():
+        pg, stats = fn(logp, logp.detach(), torch.ones(1, 2), torch.ones(1, 2), epsilon_low=0.2,
+                       epsilon_high=None, dual_clip=None)
+        assert pg.shape == (1, 2) and {"clipfrac", "approx_kl"} <= set(stats)
+    with pytest.raises(ValueError, match="registered"):
+        policy_loss(logp, logp, torch.ones(1, 2), torch.ones(1, 2), loss="nope")
+
+
+def test_gspo_sequence_ratio_and_clipping_hand_computed():
+    """Two sequences of 2 and 1 valid tokens. log s_0 = (0.5 + (-0.1)) / 2 = 0.2, log s_1 = -0.5.
+    eps 0.1: s_0 = e^0.2 = 1.2214 > 1.1 with A = +1 -> clipped at 1.1 (no gradient);
+    s_1 = e^-0.5 = 0.6065 < 0.9 with A = -1 -> -A * clip = 0.9 > -A * s = 0.6065: clipped too, but
+    for A = +2 (row 1 below) the unclipped term -2 * 0.6065 is the larger one and carries the gradient."""
+    old = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    logp = (old + torch.tensor([[0.5, -0.1], [-0.5, 7.0]])).requires_grad_(True)  # 7.0 sits on padding
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    loss, stats = policy_loss(logp, old, adv, mask, epsilon_low=0.1, agg_mode="seq-mean-token-mean", loss="gspo")
+    s0, s1 = math.exp(0.2), math.exp(-0.5)
+    # row 0: max(-1 * s0, -1 * 1.1) = -1.1 per token; row 1: max(-2 * s1, -2 * 0.9) = -2 * s1
+    assert float(loss.detach()) == pytest.approx((-1.1 + -2 * s1) / 2, rel=1e-6)
+    loss.backward()
+    # row 0 clipped: no gradient; row 1: d/dlogp_t of -A * s1 * exp(logp_t - sg logp_t) = -A * s1 / 2 (seq-mean)
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0], [-2 * s1 / 2, 0.0]]))
+    assert float(stats["clipfrac"]) == pytest.approx(2 / 3)  # the 2 tokens of row 0 of 3 valid tokens
+    # token-level on the same input: e^0.5 is clipped (-1.1), e^-0.1 = 0.905 is not (-0.905)
+    vanilla, _ = policy_loss(logp.detach(), old, adv, mask, epsilon_low=0.1, agg_mode="seq-mean-token-mean")
+    assert float(vanilla) == pytest.approx(((-1.1 - math.exp(-0.1)) / 2 + -2 * s1) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="GSPO"):
+        policy_loss(logp, old, adv, mask, dual_clip=3.0, loss="gspo")
+
+
+def test_aggregate_with_a_global_denominator():
+    """A micro-batch's numerator over the whole batch's denominator: the shares add up to the
+    aggregate of the whole batch, in every mode."""
+    from algos.losses import aggregation_denominator
+
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    for mode in AGG_MODES:
+        whole = aggregate(loss, mask, mode, max_len=4)
+        parts = [slice(0, 1), slice(1, 4)]
+        total = sum(aggregation_denominator(mask[p], mode, 4) for p in parts)
+        assert float(total) == float(aggregation_denominator(mask, mode, 4))
+        shares = sum(aggregate(loss[p], mask[p], mode, 4, denominator=total) for p in parts)
+        assert float(shares) == pytest.approx(float(whole)), mode
+    # the issue's case: 8 tokens on one process, 48 on the other -> each token weighs 1/56
+    assert float(aggregate(torch.ones(1, 8), torch.ones(1, 8), "token-mean", denominator=56.0)) == pytest.approx(8 / 56)
+
+
+def test_whitening_with_a_reduction_uses_global_statistics():
+    """Two halves whitened with a shared sum equal the whole batch whitened at once."""
+    x = torch.tensor([[1.0, 5.0, 2.0], [0.5, -1.0, 3.0], [7.0, 2.0, 2.0], [0.0, 1.0, -4.0]])
+    m = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]).float()
+    halves = [slice(0, 1), slice(1, 4)]
+    whole = masked_whiten(x, m)
+    for h in halves:
+        other = [o for o in halves if o != h][0]
+        # reduce(t) = t + the other half's matching statistic: recompute it on the other half
+        stats = iter([m[other].sum(), (x[other] * m[other]).sum()])
+        def reduce(t, stats=stats, h=h, other=other):
+            try:
+                return t + next(stats)
+            except StopIteration:
+                mean = (x * m).sum() / m.sum()
+                return t + ((x[other] - mean) ** 2 * m[other]).sum()
+        torch.testing.assert_close(masked_whiten(x[h], m[h], reduce=reduce) * m[h], whole[h] * m[h])

@@ -252,12 +252,16 @@ def test_ema_smoothing_before_tau():
     assert float(smooth[2]) == pytest.approx(0.0)
 
 
-def test_step_rewards_sum_to_final_score():
+def test_step_rewards_sum_to_final_score_minus_baseline():
     _, _, S = dual_scores([-2.0, -1.8, -2.5, -0.7, -0.9, -0.2], stability_weight=0.3)
-    r = step_rewards(S)
-    assert float(r[0]) == pytest.approx(float(S[0]))
+    S_b = ReproReward(stability_weight=0.3).empty_score()
+    # the baseline is the dual score of the empty prefix: magnitude 1 - tanh(1), stability 1/2
+    assert S_b == pytest.approx(0.7 * (1 - math.tanh(1.0)) + 0.3 * 0.5)
+    r = step_rewards(S, S_b)
+    assert float(r[0]) == pytest.approx(float(S[0]) - S_b)
     torch.testing.assert_close(r[1:], S[1:] - S[:-1])
-    assert float(r.sum()) == pytest.approx(float(S[-1]))
+    assert float(r.sum()) == pytest.approx(float(S[-1]) - S_b)
+    assert float(step_rewards(S).sum()) == pytest.approx(float(S[-1]))  # baseline 0: the old form
 
 
 # --------------------------------------------------------------------------- packed scoring
@@ -459,13 +463,14 @@ def test_repro_reward_end_to_end(attn, merged_tok, gpt2_tok):
             top = sorted(cands, key=lambda t: -float(ent[t]))[: cfg.top_k]
             assert set(points[1:-1]) == set(top)
             # the final score equals J from separate full passes (unpadded prompt), and the
-            # step rewards sum to it
+            # step rewards sum to it minus the empty prefix's score
             answer_ids = tok(f"\\boxed{{{ANSWERS[b]}}}", add_special_tokens=False)["input_ids"]
             J = answer_logprob_separate(model, prompt_ids[b], ids, points, answer_ids)
             torch.testing.assert_close(out.J[b], J, atol=1e-4, rtol=0)
             _, _, S = dual_scores(J, 0.1)
             assert float(out.final_score[b]) == pytest.approx(float(S[-1]), abs=1e-4)
-            assert float(out.token_rewards[b].sum()) == pytest.approx(float(out.final_score[b]), abs=1e-5)
+            assert float(out.token_rewards[b].sum()) == pytest.approx(
+                float(out.final_score[b]) - ReproReward(top_k=cfg.top_k).empty_score(), abs=1e-5)
         for key in ("magnitude_mean", "stability_mean", "score_final_mean", "points_mean",
                     "process_reward_mean", "process_reward_std", "seconds"):
             assert isinstance(out.stats[key], float)
@@ -498,11 +503,9 @@ def test_config_validation():
 
 # --------------------------------------------------------------------------- process advantages
 
-S13 = math.sqrt(13.0)
-
-
 def _norm_case():
-    # group 0 = rows 0, 1 with rewards {0 @ (0,0), 2 @ (0,2), 7 @ (1,1)}; group 1 = row 2 with one reward
+    # group 5 = rows 0, 1: row 0 rewards {0 @ 0, 2 @ 2} (progress P = 2), row 1 {7 @ 1} (P = 7);
+    # group 9 = row 2, {2 @ 3} (P = 2), a singleton
     r = torch.zeros(3, 4)
     m = torch.zeros(3, 4, dtype=torch.bool)
     r[0, 0], r[0, 2], r[1, 1], r[2, 3] = 0.0, 2.0, 7.0, 2.0
@@ -511,12 +514,18 @@ def _norm_case():
     return r, m, torch.tensor([5, 5, 9])
 
 
+SD5 = math.sqrt(12.5)  # group 5: P = 2, 7: mean 4.5, unbiased var 2 * 2.5^2 / 1
+SD_ALL = math.sqrt(25 / 3)  # the batch's P = 2, 7, 2: mean 11/3, unbiased var (2*(5/3)^2 + (10/3)^2) / 2
+
+
 def test_normalize_group_hand_computed():
     r, m, g = _norm_case()
     out = normalize_process_rewards(r, m, g, "group")
-    # group 0: mean 3, deviations -3, -1, 4, unbiased std sqrt(26 / 2) = sqrt(13); group 1: n = 1 -> 0
+    # the baseline b = mean_g(P) is taken once, at each rollout's first rewarded position; the
+    # singleton is measured against the others (mean (2 + 7) / 2 = 4.5) with the batch's std
+    s5, s9 = SD5 + 1e-6, SD_ALL + 1e-6
     exp = torch.zeros(3, 4)
-    exp[0, 0], exp[0, 2], exp[1, 1] = -3 / (S13 + 1e-6), -1 / (S13 + 1e-6), 4 / (S13 + 1e-6)
+    exp[0, 0], exp[0, 2], exp[1, 1], exp[2, 3] = -4.5 / s5, 2 / s5, 2.5 / s5, -2.5 / s9
     torch.testing.assert_close(out, exp)
 
 
@@ -524,18 +533,38 @@ def test_normalize_group_mean_hand_computed():
     r, m, g = _norm_case()
     out = normalize_process_rewards(r, m, g, "group_mean")
     exp = torch.zeros(3, 4)
-    exp[0, 0], exp[0, 2], exp[1, 1] = -3.0, -1.0, 4.0
+    exp[0, 0], exp[0, 2], exp[1, 1], exp[2, 3] = -4.5, 2.0, 2.5, -2.5
     torch.testing.assert_close(out, exp)
 
 
 def test_normalize_batch_whiten_hand_computed():
     r, m, g = _norm_case()
     out = normalize_process_rewards(r, m, g, "batch_whiten")
-    # values 0, 2, 7, 2: mean 2.75, unbiased var (7.5625 + 0.5625 + 18.0625 + 0.5625) / 3
-    sd = math.sqrt(26.75 / 3 + 1e-8)
+    sd = math.sqrt(25 / 3 + 1e-8)
     exp = torch.zeros(3, 4)
-    exp[0, 0], exp[0, 2], exp[1, 1], exp[2, 3] = -2.75 / sd, -0.75 / sd, 4.25 / sd, -0.75 / sd
+    exp[0, 0], exp[0, 2], exp[1, 1], exp[2, 3] = -11 / 3 / sd, 2 / sd, (7 - 11 / 3) / sd, (2 - 11 / 3) / sd
     torch.testing.assert_close(out, exp)
+
+
+@pytest.mark.parametrize("mode", ["group", "batch_whiten", "group_mean"])
+def test_process_advantage_is_invariant_to_the_number_of_points(mode):
+    """Identical progress cut into 2 or 20 scored points gives the same Ã_0 (the review's case:
+    per-point normalisation gave +3.3 against -4.4)."""
+    T = 24
+    r = torch.zeros(3, T)
+    m = torch.zeros(3, T, dtype=torch.bool)
+    r[0, [5, 11]] = 0.3  # 2 points, progress 0.6
+    r[1, 1:21] = 0.03  # 20 points, progress 0.6
+    r[2, 7] = 0.1  # a third rollout of the group made less progress
+    m[0, [5, 11]] = True
+    m[1, 1:21] = True
+    m[2, 7] = True
+    adv = repro_advantage(r, m, torch.ones(3, T), torch.tensor([0, 0, 0]), mode)
+    assert float(adv[0, 0]) == pytest.approx(float(adv[1, 0]), abs=1e-6)
+    assert float(adv[0, 0]) > 0 > float(adv[2, 0])
+    # and the per-point normalisation it replaces would have told them apart
+    old = (r - r[m].mean()) / r[m].std() * m
+    assert abs(float(old[0].sum() - old[1].sum())) > 1.0
 
 
 def test_return_to_go():
@@ -549,15 +578,15 @@ def test_repro_advantage_hand_computed():
     r, m, g = _norm_case()
     resp = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
     adv = repro_advantage(r, m, resp, g, mode=ALGO_TO_MODE["grpo"])
-    s = S13 + 1e-6
+    s5, s9 = SD5 + 1e-6, SD_ALL + 1e-6
     exp = torch.tensor(
-        [[-4 / s, -1 / s, -1 / s, 0.0],  # after the last reward (pos 2) -> 0
-         [4 / s, 4 / s, 0.0, 0.0],
-         [0.0, 0.0, 0.0, 0.0]]
+        [[-2.5 / s5, 2 / s5, 2 / s5, 0.0],  # after the last reward (pos 2) -> 0
+         [2.5 / s5, 2.5 / s5, 0.0, 0.0],
+         [-2.5 / s9, -2.5 / s9, -2.5 / s9, -2.5 / s9]]
     )
     torch.testing.assert_close(adv, exp)
     adv_b = repro_advantage(r, m, resp, g, mode=ALGO_TO_MODE["reinforce_pp_baseline"])
-    torch.testing.assert_close(adv_b[0], torch.tensor([-4.0, -1.0, -1.0, 0.0]))
+    torch.testing.assert_close(adv_b[0], torch.tensor([-2.5, 2.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="normalisation"):
         normalize_process_rewards(r, m, g, "bogus")
     assert ALGO_TO_MODE == {

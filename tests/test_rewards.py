@@ -176,7 +176,9 @@ def test_accuracy_conversational_completion():
         (r"\boxed{42} is the answer.", 1.0),  # 15 characters after the box
         (r"\boxed{42} and that is my final answer to the question", 0.5),  # too much after
         (r"\boxed{41} or \boxed{42}", 0.5),  # two boxes
-        (r"\boxed{ }", 0.5),  # blank box
+        (r"\boxed{ }", 0.0),  # blank box: answers nothing
+        (r"\boxed{}", 0.0),
+        (r"\boxed{} and \boxed{7}", 0.5),  # one answer among several boxes
         (r"The answer is 42.", 0.0),
         (r"\boxed{42", 0.0),  # unclosed
     ],
@@ -245,23 +247,29 @@ def test_register_reward_decorator():
     registry_mod._REGISTRY.pop("unit_test_const")
 
 
-def test_lazy_registration(tmp_path, monkeypatch):
-    (tmp_path / "lazy_reward_mod_xyz.py").write_text(
-        "from rewards import register_reward\n"
-        "@register_reward('lazy_xyz')\n"
-        "def lazy(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(registry_mod._LAZY, "lazy_xyz", "lazy_reward_mod_xyz")
-    monkeypatch.setitem(registry_mod._LAZY, "ghost_xyz", "no_such_module_xyz")
-    try:
-        name, fn = resolve_reward("lazy_xyz")
-        assert name == "lazy_xyz" and fn(["p"], ["c"]) == [1.0]
-        message = _assert_one_line_config_error("ghost_xyz", "no_such_module_xyz", "could not be imported")
-        assert "ghost_xyz" in message
-    finally:
-        registry_mod._REGISTRY.pop("lazy_xyz", None)
-        sys.modules.pop("lazy_reward_mod_xyz", None)
+def test_repro_in_a_reward_stack_is_one_clear_line():
+    """REPRO is a process reward (the trainer scores it on the policy), not a stack entry."""
+    message = _assert_one_line_config_error("repro", "process reward", "--reward accuracy,repro")
+    assert "repro" in message
+    with pytest.raises(RewardConfigError, match="process reward"):
+        RewardStack("accuracy,repro")
+
+
+def test_overlong_punishment_hand_computed():
+    """DAPO eq. 13 with L_max = 20, L_cache = 8: 0 up to 12 tokens, then -(|y| - 12) / 8, -1 beyond."""
+    from rewards import overlong_penalty, soft_overlong_punishment
+
+    assert [overlong_penalty(n, 20, 8) for n in (5, 12, 13, 16, 20, 21)] == [0.0, 0.0, -0.125, -0.5, -1.0, -1.0]
+    assert overlong_penalty(16, 20, 8, penalty_factor=0.5) == -0.25
+    fn = soft_overlong_punishment(20, 8)
+    assert fn.__name__ == "overlong"
+    assert fn(["p"] * 3, ["a", "b", "c"], [[1] * 10, [1] * 14, [1] * 20]) == [0.0, -0.25, -1.0]
+    name, registered = resolve_reward("overlong")
+    assert registered(["p"], ["a"], [[1] * 14], max_completion_length=20, overlong_buffer_length=8) == [-0.25]
+    with pytest.raises(RewardConfigError, match="overlong_buffer_length"):
+        registered(["p"], ["a"], [[1]])
+    with pytest.raises(RewardConfigError, match="buffer length"):
+        soft_overlong_punishment(20, 0)
 
 
 # ---------------------------------------------------------------- RewardStack
