@@ -93,7 +93,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             h, y = hidden[lo:lo + ctx.chunk_size], labels[lo:lo + ctx.chunk_size, None]
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
                 z = _chunk_logits(h, weight, bias, ctx.temperature)
-            g = torch.softmax(z, dim=-1).neg_()
+            g = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_().neg_()  # -softmax(z), in z's memory
             g.scatter_add_(-1, y, torch.ones_like(g[:, :1]))
             g.mul_(grad_out[lo:lo + ctx.chunk_size, None] / ctx.temperature)  # d loss / d (h W^T + b)
             if need_h:
@@ -102,7 +102,7 @@ class _ChunkedLogprob(torch.autograd.Function):
                 grad_w += (g.to(mm_dtype).t() @ h.to(mm_dtype)).float()
             if grad_b is not None:
                 grad_b += g.sum(0)
-            del z, g
+            del z, g  # one (chunk, V) block at a time
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None

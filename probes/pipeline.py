@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algos.data import ArithmeticTask, DataConfigError, load_records
+from algos.device import dtype_name, resolve_device_dtype
 from algos.models import load_causal_lm, load_tokenizer, model_identity
 from probes.collect import (LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
                             write_json_atomic)
@@ -77,6 +78,8 @@ class LynxJobConfig:
     probe: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu (algos.device)
+    dtype: str = "auto"   # auto: bfloat16 on cuda, float32 on cpu
 
     @property
     def events_dir(self) -> Path:
@@ -185,13 +188,15 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     out_dir, events_dir = Path(cfg.output_dir), cfg.events_dir
     pool, held = load_problems(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = load_causal_lm(cfg.model_name_or_path).eval()
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    model = load_causal_lm(cfg.model_name_or_path, dtype=dtype).to(device).eval()
     collect_cfg = resolve_settings(cfg, model, tokenizer)
     identity = model_identity(model)
     print(f"[lynx] model {identity['name']} ({identity['num_hidden_layers']} layers, hidden {identity['hidden_size']}); "
           f"{len(pool)} training + {len(held)} held-out problems from '{cfg.dataset}'; cues "
           f"{list(collect_cfg.cue_config.cues)!r}, exit string {collect_cfg.exit_string!r}, layers "
-          f"{list(collect_cfg.layers)}; export -> {out_dir}, events -> {events_dir}", flush=True)
+          f"{list(collect_cfg.layers)}; {device} {dtype_name(dtype)}; export -> {out_dir}, events -> {events_dir}",
+          flush=True)
     timings = {}
 
     t0 = _phase(1, "collect", f"{len(pool) + len(held)} rollouts (T={cfg.temperature}, top-p {cfg.top_p}, "

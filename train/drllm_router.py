@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from algos.device import add_device_arguments  # noqa: E402
 from train.cli import _OneLineParser, _parse_bool, main_guard  # noqa: E402
 
 
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="data, search and training seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL", help="progress bars")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     checks = [
         (args.num_search_examples >= 2, "--num_search_examples must be >= 2"),
@@ -121,6 +123,7 @@ def run(args) -> dict:
     import torch
 
     from algos.data import DEFAULT_PROMPT_TEMPLATE, build_prompt
+    from algos.device import dtype_name, resolve_device_dtype
     from algos.models import load_causal_lm, load_tokenizer
     from routers.evaluate import evaluate_routing
     from routers.export import save_router
@@ -138,12 +141,13 @@ def run(args) -> dict:
     template = args.prompt_template or DEFAULT_PROMPT_TEMPLATE
     search_records, held_records = load_splits(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path).eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype).to(device).eval()
     routed = RoutedModel(model)
     L = routed.num_layers
     print(f"[drllm] model {model.config._name_or_path or args.model_name_or_path} ({L} blocks); "
           f"{len(search_records)} search / {len(held_records)} held-out problems from '{args.dataset}'; "
-          f"outputs -> {out_dir}", flush=True)
+          f"{device} {dtype_name(dtype)}; outputs -> {out_dir}", flush=True)
     timings = {}
 
     # 1. MCTS search (resumable)
@@ -172,7 +176,7 @@ def run(args) -> dict:
     data = teacher_forced_features(routed, tokenizer, [t["prompt"] for t in kept], [t["labels"] for t in kept],
                                    args.num_windows, args.eval_batch_size, progress=args.progress)
     train_idx, val_idx = split_indices(len(kept), args.val_fraction, args.seed)
-    router = PathRouter(L, model.config.hidden_size, args.router_hidden, args.num_windows)
+    router = PathRouter(L, model.config.hidden_size, args.router_hidden, args.num_windows).to(device)
     cfg = RouterTrainConfig(epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                             warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, gamma=args.focal_gamma,
                             beta=args.class_weight_beta, seed=args.seed)

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from algos.device import add_device_arguments  # noqa: E402
 from train.cli import _OneLineParser, _parse_bool, main_guard  # noqa: E402
 
 
@@ -94,6 +95,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=d.seed, help="problem split, sampling and probe seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=d.progress, metavar="BOOL", help="progress bars")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
