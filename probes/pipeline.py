@@ -43,6 +43,17 @@ class LynxJobError(ValueError):
     """A setting or an outcome the user must fix (one line naming it)."""
 
 
+# Rollout budget when --max_new_tokens is not given: a thinking model's cues and its answer come after
+# hundreds to thousands of thinking tokens (the issue's users think for 8k-32k), so 512 would cut most
+# rollouts before any answer; 4096 is the budget at which a laptop run is still feasible.
+PLAIN_COLLECT_TOKENS, THINKING_COLLECT_TOKENS = 512, 4096
+
+
+def default_max_new_tokens(tokenizer) -> int:
+    """512, or 4096 for a model with a thinking block (``</think>``)."""
+    return THINKING_COLLECT_TOKENS if has_thinking_block(tokenizer) else PLAIN_COLLECT_TOKENS
+
+
 @dataclass
 class LynxJobConfig:
     model_name_or_path: str | None = None
@@ -65,7 +76,7 @@ class LynxJobConfig:
     layers: tuple[int, ...] | None = None
     prompt_template: str = LYNX_PROMPT_TEMPLATE
     batch_size: int = 8
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: 512, or 4096 for a thinking model (</think>)
     temperature: float = 0.6
     top_p: float = 0.95
     answer_max_tokens: int = 64
@@ -98,6 +109,7 @@ def validate(cfg: LynxJobConfig) -> None:
         (cfg.cue_preset in ("auto", "words", "linebreak"), f"--cue_preset must be auto, words or linebreak, got '{cfg.cue_preset}'"),
         (cfg.max_calibration_events_per_rollout >= 1, "--max_calibration_events_per_rollout must be >= 1"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         ("{question}" in cfg.prompt_template, "--prompt_template must contain {question}"),
         (out != data and out not in data.parents and data not in out.parents,
          f"--data_dir '{cfg.events_dir}' and --output_dir '{cfg.output_dir}' must not contain each other "
@@ -188,6 +200,8 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     out_dir, events_dir = Path(cfg.output_dir), cfg.events_dir
     pool, held = load_problems(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = default_max_new_tokens(tokenizer)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     model = load_causal_lm(cfg.model_name_or_path, dtype=dtype).to(device).eval()
     collect_cfg = resolve_settings(cfg, model, tokenizer)
@@ -313,5 +327,5 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LynxJobConfig", "LynxJobError", "format_summary", "load_problems", "resolve_settings", "run_lynx_job",
+__all__ = ["LynxJobConfig", "LynxJobError", "default_max_new_tokens", "format_summary", "load_problems", "resolve_settings", "run_lynx_job",
            "validate"]

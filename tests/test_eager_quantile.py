@@ -77,3 +77,20 @@ def test_eager_decode_reads_the_dynamic_threshold_within_one_bin(tiny_model_path
                                     generator=torch.Generator().manual_seed(0))
     assert _CheckedQuantile.checks >= 2 * 10
     assert any(s.parent is not None for s in seqs)  # the case exercises branching
+
+
+def test_rows_dropped_at_the_ends_are_a_view_of_the_cache():
+    """EAGER keeps a contiguous run of rows as a view of each layer (no copy); anything else reorders."""
+    from transformers import DynamicCache
+
+    assert eager_mod.contiguous_rows([2, 3, 4]) == slice(2, 5)
+    assert eager_mod.contiguous_rows([0, 2]) is None and eager_mod.contiguous_rows([1, 1]) is None
+    assert eager_mod.contiguous_rows([]) is None
+    cache = DynamicCache()
+    keys = torch.randn(4, 2, 3, 5)
+    cache.update(keys, keys.clone(), 0)
+    stored = cache.layers[0].keys
+    eager_mod._keep_cache_rows(cache, [1, 2], "cpu")
+    assert cache.layers[0].keys.data_ptr() == stored[1].data_ptr() and torch.equal(cache.layers[0].keys, keys[1:3])
+    eager_mod._keep_cache_rows(cache, [1, 0, 1], "cpu")  # a fork of row 1
+    assert torch.equal(cache.layers[0].keys, keys[[2, 1, 2]])

@@ -78,7 +78,8 @@ def parse_args(argv=None):
       help="hidden-state indices of the features (0 = embeddings); default about 1/3, 2/3 depth and the last")
     a("--prompt_template", default=d.prompt_template, help="prompt with a {question} field (chat template applied)")
     a("--batch_size", type=int, default=d.batch_size, help="rollouts per batch (one shard on disk per batch)")
-    a("--max_new_tokens", type=int, default=d.max_new_tokens, help="rollout and evaluation token budget")
+    a("--max_new_tokens", type=int, default=d.max_new_tokens,
+      help="rollout and evaluation token budget; default 512, or 4096 for a thinking model (</think> in its vocabulary)")
     a("--temperature", type=float, default=d.temperature, help="rollout sampling temperature")
     a("--top_p", type=float, default=d.top_p, help="rollout nucleus sampling")
     a("--answer_max_tokens", type=int, default=d.answer_max_tokens, help="greedy answer tokens after an exit")

@@ -223,7 +223,7 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             break
         index = torch.tensor([parent_row[i] for i in new_rows], device=ids.device)
         if len(new_rows) != len(prompt_of_row) or children:
-            cache.reorder_cache(index)
+            _keep_cache_rows(cache, [parent_row[i] for i in new_rows], ids.device)
             mask = mask.index_select(0, index)
         rows = [rows[i] for i in new_rows]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -258,6 +258,24 @@ def _score_cues(exits, out, seqs: list[EagerSequence], rows: list[int], mask: to
     mask[leaving, -1] = 0
     logits[leaving] = previous[leaving]
     return mask, logits
+
+
+def contiguous_rows(rows: list[int]) -> slice | None:
+    """``slice(a, b)`` when ``rows`` is a..b-1 in order (rows dropped only at the ends), else None."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
+
+
+def _keep_cache_rows(cache, rows: list[int], device) -> None:
+    """The cache's rows become ``rows`` (repeats for forks). Rows dropped only at the ends are a view
+    of each layer's tensors (no copy); otherwise ``reorder_cache`` copies each layer's kept rows, one
+    layer at a time (transient memory: one layer, not the whole cache)."""
+    window = contiguous_rows(rows)
+    if window is not None and type(cache) is DynamicCache:  # other caches (Dr.LLM's PathCache) reorder their own way
+        cache.batch_select_indices(window)
+    else:
+        cache.reorder_cache(torch.tensor(rows, device=device))
 
 
 def _effective_theta(theta: float, seen: list[float], dynamic: bool) -> float:
