@@ -131,3 +131,13 @@ def model_identity(model) -> dict:
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
     }
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, H), bias or None) of a causal LM's output layer (a PEFT wrapper's base model's),
+    what :func:`algos.logprobs.logprobs_from_hidden` takes with the last hidden states."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"the output layer is a {type(head).__name__}, not a plain Linear (a LoRA on lm_head?): "
+                         "use the full-logits path for this model")
+    return head.weight, head.bias

@@ -134,11 +134,14 @@ class EfficientDecoder:
 
     @classmethod
     def from_pretrained(cls, path: str | None, probe: str | None = None, router: str | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                         verify: bool = True) -> "EfficientDecoder":
         """Load a bundle (``scripts/export.py``; its files are checked against the manifest's hashes
         unless ``verify=False``) or a plain model (hub id, local path, None = embedded default)
-        with an optional probe / router directory. Parts for another model are refused."""
+        with an optional probe / router directory. Parts for another model are refused.
+        ``device`` / ``dtype``: 'auto' is CUDA with bfloat16 where available, else CPU with float32
+        (:mod:`algos.device`); the probe and the router move to the model's device."""
+        from algos.device import resolve_device_dtype
         from algos.models import load_causal_lm, load_tokenizer
         from deploy.bundle import MANIFEST, is_bundle, verify_bundle
         from probes.export import load_probe
@@ -152,6 +155,7 @@ class EfficientDecoder:
             probe = probe or (str(Path(path) / parts["probe"]) if parts.get("probe") else None)
             router = router or (str(Path(path) / parts["router"]) if parts.get("router") else None)
             path = str(Path(path) / parts["model"])
+        device, dtype = resolve_device_dtype(device, dtype)
         model = load_causal_lm(path, dtype=dtype).to(device)
         tokenizer = load_tokenizer(path)
         if manifest is not None and manifest["parts"].get("adapter"):  # kept LoRA adapter: merged in memory
@@ -161,6 +165,8 @@ class EfficientDecoder:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
         loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
+        if loaded_probe is not None:
+            loaded_probe.probe.to(device)
         if router and not Path(router, ROUTER_META).is_file() and Path(router, "router", ROUTER_META).is_file():
             router = str(Path(router, "router"))  # a train/drllm_router.py output_dir holds the export in router/
         loaded_router, router_meta = load_router(router, model, device=device) if router else (None, {})
@@ -172,7 +178,8 @@ class EfficientDecoder:
                  routing: bool = False, branching: bool = False, max_new_tokens: int = 256,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, routing_p: float | None = None, max_branches: int = 8,
-                 branch_threshold: float = 2.0, entropy_top_k: int = 20, answer_max_tokens: int | None = None,
+                 branch_threshold: float = 2.0, entropy_top_k: int = 20, dynamic_threshold: bool = False,
+                 answer_max_tokens: int | None = None,
                  stop_at_answer_close: bool = True, batch_size: int | None = None) -> DecodeOutput:
         """Generate for every prompt with the chosen parts (see the module docstring).
 
@@ -180,7 +187,8 @@ class EfficientDecoder:
         ``seed`` seeds torch's global generator first. ``confidence`` c = 1 - delta for the exit rule
         (default: the probe's). ``routing_p``: the router's knob in [-1, 1] (-0.5 = the router alone,
         higher values blend toward executing every block; default: the value stored in the router export).
-        ``max_branches`` / ``branch_threshold`` / ``entropy_top_k``: EAGER's M / theta (nats) / K.
+        ``max_branches`` / ``branch_threshold`` / ``entropy_top_k``: EAGER's M / theta (nats) / K;
+        ``dynamic_threshold``: theta_eff = max(theta, 99th percentile of the prompt's entropies so far).
         LYNX answers after an exit are greedy, at most ``answer_max_tokens`` (default: the probe's),
         and stop when the exit string's brace closes (``stop_at_answer_close``). ``batch_size``: decode
         the prompts in chunks of this many (chunk k seeded with ``seed + k``); default: one batch."""
@@ -193,7 +201,8 @@ class EfficientDecoder:
         options = dict(early_exit=early_exit, confidence=confidence, routing=routing, branching=branching,
                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                        top_p=top_p, routing_p=routing_p, max_branches=max_branches, branch_threshold=branch_threshold,
-                       entropy_top_k=entropy_top_k, answer_max_tokens=answer_max_tokens,
+                       entropy_top_k=entropy_top_k, dynamic_threshold=dynamic_threshold,
+                       answer_max_tokens=answer_max_tokens,
                        stop_at_answer_close=stop_at_answer_close)
         if batch_size is not None and len(prompts) > batch_size:
             chunks = [self.generate(prompts[start:start + batch_size], seed=None if seed is None else seed + k, **options)
@@ -229,7 +238,8 @@ class EfficientDecoder:
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         if branching:
             seqs = self._eager(model, ids, mask, max_new_tokens, sampling, max_branches, branch_threshold,
-                               entropy_top_k, early_exit, confidence, answer_max_tokens, stop_at_answer_close)
+                               entropy_top_k, dynamic_threshold, early_exit, confidence, answer_max_tokens,
+                               stop_at_answer_close)
         elif early_exit:
             seqs = self._lynx(model, ids, mask, max_new_tokens, sampling, confidence, answer_max_tokens,
                               stop_at_answer_close)
@@ -282,12 +292,13 @@ class EfficientDecoder:
         return seqs
 
     def _eager(self, model, ids, mask, max_new_tokens, sampling, max_branches, branch_threshold, entropy_top_k,
-               early_exit, confidence, answer_max_tokens, stop_at_answer_close) -> list[DecodedSequence]:
+               dynamic_threshold, early_exit, confidence, answer_max_tokens, stop_at_answer_close) -> list[DecodedSequence]:
         from algos.rollout.eager import EagerParams, eager_generate
 
         if not sampling["do_sample"]:
             raise DecoderError("branching samples its sequences: pass do_sample=True (and a temperature)")
         params = EagerParams(max_sequences=max_branches, threshold=branch_threshold, entropy_top_k=entropy_top_k,
+                             dynamic_threshold=dynamic_threshold,
                              max_new_tokens=max_new_tokens, temperature=sampling["temperature"],
                              top_k=sampling["top_k"], top_p=sampling["top_p"], do_sample=True)
         exits = None
@@ -296,7 +307,8 @@ class EfficientDecoder:
 
             exits = ExitController(self.tokenizer, self.probe, confidence=confidence,
                                    answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close,
-                                   num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size))
+                                   num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size),
+                                   device=ids.device)
         raw = eager_generate(model, ids, mask, params, self.eos_ids, exits=exits)
         order = sorted(range(len(raw)), key=lambda i: (raw[i].prompt_index, i))
         position = {old: new for new, old in enumerate(order)}

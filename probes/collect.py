@@ -13,7 +13,8 @@ Per batch of problems (one sampled rollout each, T = 0.6, top-p 0.95):
 2. **Forced exits on token ids**: the input of event (row, i) is
    ``prompt + response[:i] + exit_ids`` (the cue-completing token dropped, nothing re-tokenised).
    The prefix is already in the rollout's KV cache, so the events are decoded with
-   ``model.generate`` from (a copy of) that cache, in batches of ``forced_batch_size``: the row's
+   ``model.generate`` from a copy of that cache's rows for the batch (:func:`select_cache_rows`,
+   never a copy of the whole multi-row cache), in batches of ``forced_batch_size``: the row's
    attention mask hides the cache slots from ``i`` on, so the exit string continues at position
    ``prompt + i`` (the rollback trick of the online decoder). Answers are greedy, at most
    ``answer_max_tokens``; with ``stop_at_answer_close`` (default) they stop once the brace the
@@ -152,6 +153,27 @@ class _AnswerClosed(StoppingCriteria):
         return torch.tensor(self.done, device=input_ids.device)
 
 
+def select_cache_rows(cache, rows: torch.Tensor):
+    """A cache of ``rows`` of ``cache`` only, ``cache`` unchanged: shallow copies of the cache and of
+    its layers, each then indexed (``batch_select_indices`` rebinds a layer's keys/values to the
+    selected rows), so the copy is the size of the selected rows, not a deep copy of every row
+    (other tensors a layer holds, such as a sliding window's position counter, are cloned)."""
+    if not hasattr(cache, "layers"):  # a cache without per-layer objects: the old way
+        chunk = copy.deepcopy(cache)
+        chunk.batch_select_indices(rows)
+        return chunk
+    chunk = copy.copy(cache)
+    chunk.layers = []
+    for layer in cache.layers:
+        own = copy.copy(layer)
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor) and name not in ("keys", "values"):
+                setattr(own, name, value.clone())
+        chunk.layers.append(own)
+    chunk.batch_select_indices(rows)
+    return chunk
+
+
 @torch.no_grad()
 def forced_exit_answers(model, tokenizer, generated, prompt_len: int, events, exit_ids, *,
                         answer_max_tokens: int = 64, stop_at_answer_close: bool = True,
@@ -184,8 +206,7 @@ def forced_exit_answers(model, tokenizer, generated, prompt_len: int, events, ex
         n = len(chunk)
         input_ids = torch.cat([prefix[rows], exit_t.expand(n, -1)], dim=1)
         mask = torch.cat([mask, mask.new_ones((n, exit_t.numel()))], dim=1)
-        chunk_cache = copy.deepcopy(cache)
-        chunk_cache.batch_select_indices(rows)
+        chunk_cache = select_cache_rows(cache, rows)
         stopping = None
         if stop_at_answer_close and open_braces > 0:
             stopping = StoppingCriteriaList([_AnswerClosed(tokenizer, open_braces, n, input_ids.shape[1])])
@@ -431,4 +452,5 @@ def collect_events(model, tokenizer, records, out_dir, config: CollectConfig, pr
 
 
 __all__ = ["CollectConfig", "CollectError", "EventSet", "EventShards", "LYNX_PROMPT_TEMPLATE", "collect_events",
-           "evenly_spaced", "forced_exit_answers", "write_json_atomic", "records_fingerprint", "split_problems"]
+           "evenly_spaced", "forced_exit_answers", "write_json_atomic", "records_fingerprint", "select_cache_rows",
+           "split_problems"]

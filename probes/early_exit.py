@@ -83,8 +83,11 @@ class ProbeExitPolicy(ExitPolicy):
         self.probe, self.rule, self.layers = probe, rule, tuple(layers)
 
     @classmethod
-    def from_bundle(cls, bundle, confidence: float | None = None) -> "ProbeExitPolicy":
-        """From a loaded :class:`probes.export.LynxProbe` at confidence c = 1 - delta."""
+    def from_bundle(cls, bundle, confidence: float | None = None, device=None) -> "ProbeExitPolicy":
+        """From a loaded :class:`probes.export.LynxProbe` at confidence c = 1 - delta; the probe moves
+        to ``device`` (the model's), so hidden states are scored where they are."""
+        if device is not None:
+            bundle.probe.to(device)
         return cls(bundle.probe, bundle.rule(confidence), bundle.layers)
 
     @torch.no_grad()
@@ -191,7 +194,7 @@ def lynx_generate(model, tokenizer, input_ids, attention_mask=None, *, policy: E
 
         check_compatible(probe.base_model, model, where="the probe", check_name=False)
         if policy is None:
-            policy = ProbeExitPolicy.from_bundle(probe, confidence)
+            policy = ProbeExitPolicy.from_bundle(probe, confidence, device=next(model.parameters()).device)
         cue_config = cue_config or probe.cue_config
         exit_string = probe.exit_string if exit_string is None else exit_string
         answer_max_tokens = probe.answer_max_tokens if answer_max_tokens is None else answer_max_tokens
@@ -387,9 +390,9 @@ class ExitController:
     close. States are copied when a sequence forks (:meth:`fork`)."""
 
     def __init__(self, tokenizer, probe, num_layers: int, hidden_size: int, confidence: float | None = None,
-                 answer_max_tokens: int | None = None, stop_at_answer_close: bool = True):
+                 answer_max_tokens: int | None = None, stop_at_answer_close: bool = True, device=None):
         self.tokenizer = tokenizer
-        self.policy = ProbeExitPolicy.from_bundle(probe, confidence)
+        self.policy = ProbeExitPolicy.from_bundle(probe, confidence, device=device)
         self.layers = self.policy.layers
         check_probe_fits(self.layers, probe.probe.input_dim, num_layers, hidden_size)
         self.cue_config = probe.cue_config

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algos.data import ArithmeticTask, DataConfigError, load_records
+from algos.device import dtype_name, resolve_device_dtype
 from algos.models import load_causal_lm, load_tokenizer, model_identity
 from probes.collect import (LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
                             write_json_atomic)
@@ -40,6 +41,17 @@ from probes.probe import ProbeTrainConfig, roc_auc, train_probe
 
 class LynxJobError(ValueError):
     """A setting or an outcome the user must fix (one line naming it)."""
+
+
+# Rollout budget when --max_new_tokens is not given: a thinking model's cues and its answer come after
+# hundreds to thousands of thinking tokens (the issue's users think for 8k-32k), so 512 would cut most
+# rollouts before any answer; 4096 is the budget at which a laptop run is still feasible.
+PLAIN_COLLECT_TOKENS, THINKING_COLLECT_TOKENS = 512, 4096
+
+
+def default_max_new_tokens(tokenizer) -> int:
+    """512, or 4096 for a model with a thinking block (``</think>``)."""
+    return THINKING_COLLECT_TOKENS if has_thinking_block(tokenizer) else PLAIN_COLLECT_TOKENS
 
 
 @dataclass
@@ -64,7 +76,7 @@ class LynxJobConfig:
     layers: tuple[int, ...] | None = None
     prompt_template: str = LYNX_PROMPT_TEMPLATE
     batch_size: int = 8
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: 512, or 4096 for a thinking model (</think>)
     temperature: float = 0.6
     top_p: float = 0.95
     answer_max_tokens: int = 64
@@ -77,6 +89,8 @@ class LynxJobConfig:
     probe: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu (algos.device)
+    dtype: str = "auto"   # auto: bfloat16 on cuda, float32 on cpu
 
     @property
     def events_dir(self) -> Path:
@@ -95,6 +109,7 @@ def validate(cfg: LynxJobConfig) -> None:
         (cfg.cue_preset in ("auto", "words", "linebreak"), f"--cue_preset must be auto, words or linebreak, got '{cfg.cue_preset}'"),
         (cfg.max_calibration_events_per_rollout >= 1, "--max_calibration_events_per_rollout must be >= 1"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         ("{question}" in cfg.prompt_template, "--prompt_template must contain {question}"),
         (out != data and out not in data.parents and data not in out.parents,
          f"--data_dir '{cfg.events_dir}' and --output_dir '{cfg.output_dir}' must not contain each other "
@@ -185,13 +200,17 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     out_dir, events_dir = Path(cfg.output_dir), cfg.events_dir
     pool, held = load_problems(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = load_causal_lm(cfg.model_name_or_path).eval()
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = default_max_new_tokens(tokenizer)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    model = load_causal_lm(cfg.model_name_or_path, dtype=dtype).to(device).eval()
     collect_cfg = resolve_settings(cfg, model, tokenizer)
     identity = model_identity(model)
     print(f"[lynx] model {identity['name']} ({identity['num_hidden_layers']} layers, hidden {identity['hidden_size']}); "
           f"{len(pool)} training + {len(held)} held-out problems from '{cfg.dataset}'; cues "
           f"{list(collect_cfg.cue_config.cues)!r}, exit string {collect_cfg.exit_string!r}, layers "
-          f"{list(collect_cfg.layers)}; export -> {out_dir}, events -> {events_dir}", flush=True)
+          f"{list(collect_cfg.layers)}; {device} {dtype_name(dtype)}; export -> {out_dir}, events -> {events_dir}",
+          flush=True)
     timings = {}
 
     t0 = _phase(1, "collect", f"{len(pool) + len(held)} rollouts (T={cfg.temperature}, top-p {cfg.top_p}, "
@@ -308,5 +327,5 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LynxJobConfig", "LynxJobError", "format_summary", "load_problems", "resolve_settings", "run_lynx_job",
+__all__ = ["LynxJobConfig", "LynxJobError", "default_max_new_tokens", "format_summary", "load_problems", "resolve_settings", "run_lynx_job",
            "validate"]

@@ -46,8 +46,8 @@ class ExitProbe(nn.Module):
         self.std.copy_(features.std(0, unbiased=False).clamp_min(eps))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (N,) for features (N, D); any float dtype in, float32 out."""
-        x = (features.to(self.mean.dtype) - self.mean) / self.std
+        """Logits (N,) for features (N, D); any float dtype and device in, float32 out on the probe's device."""
+        x = (features.to(self.mean.device, self.mean.dtype) - self.mean) / self.std
         return self.mlp(x).squeeze(-1)
 
     @torch.no_grad()

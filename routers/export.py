@@ -35,15 +35,33 @@ def tensor_digest(tensors) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(model) -> str:
-    """:func:`tensor_digest` of a few base weights: final norm, first embedding rows, block 0's norm.
-    Two models with the same shapes but different weights get different fingerprints."""
+def model_fingerprint(model, rounded_to: torch.dtype | None = None) -> str:
+    """:func:`tensor_digest` of a few base weights: final norm, first embedding rows, block 0's norm
+    (first rounded to ``rounded_to`` when given). Two models with the same shapes but different
+    weights get different fingerprints."""
     body = model.model
-    return tensor_digest([body.norm.weight, body.embed_tokens.weight[:4], body.layers[0].input_layernorm.weight])
+    weights = [body.norm.weight, body.embed_tokens.weight[:4], body.layers[0].input_layernorm.weight]
+    return tensor_digest([w.detach().to(rounded_to) if rounded_to is not None else w for w in weights])
+
+
+def low_precision_fingerprints(model) -> dict[str, str]:
+    """The fingerprint with the weights rounded to bfloat16 and to float16: the same model loaded in
+    float32 and in one of those (``--dtype``) shares that entry."""
+    return {"bfloat16": model_fingerprint(model, torch.bfloat16), "float16": model_fingerprint(model, torch.float16)}
 
 
 def base_identity(model) -> dict:
-    return {**model_identity(model), "fingerprint": model_fingerprint(model)}
+    return {**model_identity(model), "fingerprint": model_fingerprint(model),
+            "fingerprints": low_precision_fingerprints(model)}
+
+
+def same_weights(saved: dict, model) -> bool:
+    """True when ``model`` has the weights ``saved`` (a :func:`base_identity`) was made from, in the same
+    precision or rounded to bfloat16 / float16 on either side (exports before these entries: exact only)."""
+    if saved.get("fingerprint") == model_fingerprint(model):
+        return True
+    saved_low = saved.get("fingerprints") or {}
+    return any(saved_low.get(k) == v for k, v in low_precision_fingerprints(model).items())
 
 
 def save_router(router: PathRouter, out_dir: str | os.PathLike, model, metrics: dict | None = None,
@@ -83,7 +101,7 @@ def check_identity(saved: dict, model, where: str = "router") -> None:
             raise ValueError(f"{where} was trained for {saved.get('name') or 'another model'} with {key}="
                              f"{saved.get(key)}, but the model given has {key}={current.get(key)}; "
                              "load it with the model it was trained on")
-    if saved.get("fingerprint") != current["fingerprint"]:
+    if not same_weights(saved, model):
         raise ValueError(f"{where} was trained for {saved.get('name') or 'another model'} (weights fingerprint "
                          f"{saved.get('fingerprint')}), but the model given ({current.get('name') or 'unnamed'}) "
                          f"has fingerprint {current['fingerprint']}; load it with the model it was trained on")

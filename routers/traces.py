@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from routers.export import base_identity
+from algos.models import model_identity
+from routers.export import model_fingerprint
 from routers.mcts import MCTSConfig, mcts_search
 from routers.path_eval import GenerationEvaluator
 from routers.routed_model import RoutedModel
@@ -40,7 +41,8 @@ class TraceError(ValueError):
 def trace_header(model, settings: dict, mcts: MCTSConfig) -> dict:
     """What must match for a rerun to resume: format, base identity, caller settings, MCTS config."""
     return {"kind": "header", "format": TRACE_FORMAT, "version": TRACE_VERSION,
-            "base_model": base_identity(model), "settings": dict(settings), "mcts": asdict(mcts)}
+            "base_model": {**model_identity(model), "fingerprint": model_fingerprint(model)},  # dtype included
+            "settings": dict(settings), "mcts": asdict(mcts)}
 
 
 def _diff(saved, current, prefix: str = "") -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from algos.device import module_device
 from routers.losses import class_weights_from_counts, focal_loss, label_counts
 from routers.path_eval import encode_left_padded
 from routers.paths import EXECUTE, NUM_ACTIONS
@@ -134,8 +135,9 @@ def routing_metrics(pred: torch.Tensor, labels: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def predict(router: PathRouter, data: RoutingData) -> torch.Tensor:
-    """(N, L) argmax actions of the routers on cached (teacher-forced) inputs."""
-    return router.all_logits(data.pooled, data.valid).argmax(-1)
+    """(N, L) argmax actions of the routers on cached (teacher-forced) inputs (on the CPU)."""
+    device = module_device(router)
+    return router.all_logits(data.pooled.to(device), data.valid.to(device)).argmax(-1).cpu()
 
 
 def train_router(router: PathRouter, train: RoutingData, val: RoutingData | None = None,
@@ -154,6 +156,7 @@ def train_router(router: PathRouter, train: RoutingData, val: RoutingData | None
     total = cfg.epochs * steps_per_epoch
     scheduler = cosine_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = module_device(router)  # the cached inputs stay on the CPU; batches move to the router
     losses = []
     router.train()
     bar = tqdm(range(cfg.epochs), desc="router training", unit="epoch", disable=not progress, dynamic_ncols=True)
@@ -162,7 +165,8 @@ def train_router(router: PathRouter, train: RoutingData, val: RoutingData | None
         epoch_loss = 0.0
         for start in range(0, len(train), cfg.batch_size):
             batch = train.subset(order[start:start + cfg.batch_size])
-            loss = focal_loss(router.all_logits(batch.pooled, batch.valid), batch.labels, alpha, cfg.gamma)
+            logits = router.all_logits(batch.pooled.to(device), batch.valid.to(device))
+            loss = focal_loss(logits, batch.labels.to(device), alpha.to(device), cfg.gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

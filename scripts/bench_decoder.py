@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algos.data import build_prompt, load_records  # noqa: E402
+from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer, model_identity  # noqa: E402
 from deploy.decoder import EfficientDecoder  # noqa: E402
 from probes.conformal import ConformalCalibration  # noqa: E402
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="most tokens generated per row")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each run; median reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if min(args.batch_size, args.max_new_tokens, args.repeats) < 1:
         p.error("--batch_size, --max_new_tokens and --repeats must be >= 1")
@@ -77,10 +79,11 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(threads)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path).eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype).to(device).eval()
     decoder = EfficientDecoder(model, tokenizer, probe=never_exit_probe(model), router=DenseRouter())
     prompts = [build_prompt(tokenizer, r["question"]) for r in load_records("gsm8k", n=args.batch_size)]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     n = args.max_new_tokens
 
     def hf(sample: bool):

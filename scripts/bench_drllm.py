@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algos.data import DEFAULT_PROMPT_TEMPLATE, build_prompt  # noqa: E402
+from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from routers.export import load_router  # noqa: E402
 from routers.routed_model import RoutedModel  # noqa: E402
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_template", default=None,
                    help="prompt with {question}; default: the router export's training template, else the project's")
     p.add_argument("--p", type=float, default=None, help="router knob p in [-1, 1] (default: the export's)")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     try:
         args.skips = [int(k) for k in args.skips.split(",") if k.strip()]
@@ -106,20 +108,21 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path).eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype).to(device).eval()
     routed = RoutedModel(model)
     L = routed.num_layers
     if args.router:
-        router, meta = load_router(args.router, model)
+        router, meta = load_router(args.router, model, device=device)
         p = meta["p_default"] if args.p is None else args.p
     else:
         torch.manual_seed(0)
-        router, p = PathRouter(L, model.config.hidden_size).eval(), (-0.5 if args.p is None else args.p)
+        router, p = PathRouter(L, model.config.hidden_size).to(device).eval(), (-0.5 if args.p is None else args.p)
     paths = {k: skip_path(L, k) for k in args.skips}  # validate before timing
     template = args.prompt_template or (meta.get("training_args", {}).get("prompt_template") if args.router else None)
     prompt = build_prompt(tokenizer, args.question, template or DEFAULT_PROMPT_TEMPLATE)
     enc = tokenizer([prompt] * args.batch_size, return_tensors="pt", add_special_tokens=False)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "eos_token_id": [], "pad_token_id": tokenizer.pad_token_id}
     new_tokens = args.max_new_tokens * args.batch_size
     print(f"[bench_drllm] {model.config._name_or_path} ({L} blocks), prompt {ids.shape[1]} tokens x batch "

@@ -22,6 +22,7 @@ from algos.data import DEFAULT_PROMPT_TEMPLATE, ArithmeticTask, build_prompt, lo
 from algos.rollout.eager import EagerParams, eager_generate  # noqa: E402
 from algos.rollout.eager_budget import eager_sample  # noqa: E402
 from algos.rollout.eager_engine import end_think_ids  # noqa: E402
+from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from rewards.metrics import sample_metrics  # noqa: E402
 from rewards.verify import is_correct  # noqa: E402
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    add_device_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -52,7 +54,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
-    model = load_causal_lm(args.model).eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model, dtype=dtype).to(device).eval()
     if args.dataset == "arithmetic":
         task = ArithmeticTask(args.arithmetic_digits, 2, args.arithmetic_operators, args.arithmetic_test_fraction)
         records = task.generate(args.num_problems, seed=args.seed, split="test")
@@ -60,7 +63,7 @@ def main(argv=None):
         records = load_records(args.dataset)[-args.num_problems:]
     prompts = [build_prompt(tok, r["question"], args.prompt_template, None, True) for r in records]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc.input_ids, enc.attention_mask
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
     golds = [r["answer"] for r in records]
     eos = [tok.eos_token_id]
     params = EagerParams(max_sequences=args.m, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
@@ -78,7 +81,7 @@ def main(argv=None):
     for mode in ("init", "adapt", "full", "parallel"):
         t0 = time.perf_counter()
         result = eager_sample(model, ids, mask, params, eos, mode=mode, verifier=verifier,
-                              end_think_ids=end_think_ids(tok), generator=torch.Generator().manual_seed(args.seed))
+                              end_think_ids=end_think_ids(tok), generator=torch.Generator(device=device).manual_seed(args.seed))
         wall = time.perf_counter() - t0
         groups = [tok.batch_decode([s.token_ids for s in g], skip_special_tokens=True)
                   for g in result.per_prompt(len(prompts))]
@@ -94,14 +97,14 @@ def main(argv=None):
     n = min(args.timing_prompts, len(prompts))
     sub_ids, sub_mask = ids[:n], mask[:n]
     t0 = time.perf_counter()
-    batched = eager_generate(model, sub_ids, sub_mask, params, eos, generator=torch.Generator().manual_seed(1))
+    batched = eager_generate(model, sub_ids, sub_mask, params, eos, generator=torch.Generator(device=device).manual_seed(1))
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     serial_tokens = 0
     for i in range(n):
         keep = sub_mask[i].bool()
         one = eager_generate(model, sub_ids[i:i + 1, keep], sub_mask[i:i + 1, keep], params, eos,
-                             generator=torch.Generator().manual_seed(1 + i))
+                             generator=torch.Generator(device=device).manual_seed(1 + i))
         serial_tokens += sum(len(s.token_ids) for s in one)
     t_serial = time.perf_counter() - t0
     batched_tokens = sum(len(s.token_ids) for s in batched)

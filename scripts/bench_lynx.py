@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algos.data import build_prompt, load_records  # noqa: E402
+from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from probes.conformal import ExitRule  # noqa: E402
 from probes.cues import CueConfig, IncrementalDetokenizer, cue_events_from_texts  # noqa: E402
@@ -52,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--cue_every", type=int, default=50, help="target tokens between cue events in run (c)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each run; median reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if min(args.batch_size, args.max_new_tokens, args.cue_every, args.repeats) < 1:
         p.error("--batch_size, --max_new_tokens, --cue_every and --repeats must be >= 1")
@@ -92,11 +94,12 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path).eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype).to(device).eval()
     records = load_records("gsm8k", n=args.batch_size)
     enc = tokenizer([build_prompt(tokenizer, r["question"]) for r in records], return_tensors="pt", padding=True,
                     add_special_tokens=False, padding_side="left")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     n_new = args.max_new_tokens
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=n_new,
@@ -104,7 +107,7 @@ def main(argv=None):
     eos = gen_config.eos_token_id
     layers = default_layers(model.config.num_hidden_layers)
     torch.manual_seed(0)
-    probe = ExitProbe(len(layers) * model.config.hidden_size).eval()
+    probe = ExitProbe(len(layers) * model.config.hidden_size).to(device).eval()
     policy = ProbeExitPolicy(probe, ExitRule(0.05, float("inf"), float("inf")), layers)  # scores, never exits
 
     def plain():

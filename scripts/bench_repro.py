@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from algos.batch import RolloutBatch  # noqa: E402
 from algos.data import build_prompt, load_records  # noqa: E402
 from algos.logprobs import entropy_from_logits, logprobs_from_logits  # noqa: E402
+from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
 from algos.rollout import HFGenerateEngine, SamplingParams, response_mask_from_ids  # noqa: E402
 from rewards.repro import ReproReward, _eval_mode  # noqa: E402
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--attn_implementation", default="sdpa", help="attention kernel the model is loaded with")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--skip_reference", action="store_true", help="do not time (c)")
+    add_device_arguments(p)
     return p.parse_args(argv)
 
 
@@ -232,10 +234,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t_load = time.perf_counter()
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path, attn_implementation=args.attn_implementation)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    model.eval()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation)
+    model = model.to(device).eval()
     print(f"[bench] model loaded in {time.perf_counter() - t_load:.1f}s "
           f"(attn={model.config._attn_implementation})", flush=True)
 

@@ -84,6 +84,9 @@ def parse_args(argv=None):
                     help="also time ours with the colocated vLLM engine, and TRL with vLLM in a child process")
     ap.add_argument("--trl_vllm_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
+    from algos.device import add_device_arguments
+
+    add_device_arguments(ap)  # --dtype auto keeps --bf16 (bf16 always on CUDA); the TRL arm follows --device
     return ap.parse_args(argv)
 
 
@@ -152,7 +155,7 @@ def build_trl(args, model_path: str, out_dir: str, prompts: list[str], answers: 
     from rewards.outcome import accuracy
 
     config = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=args.bf16, fp16=False, seed=args.seed,
+        output_dir=out_dir, use_cpu=args.use_cpu, bf16=args.bf16, fp16=False, seed=args.seed,
         per_device_train_batch_size=args.num_prompts * args.num_generations, gradient_accumulation_steps=1,
         steps_per_generation=1, num_iterations=1, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=1.0, top_k=0,
@@ -301,6 +304,13 @@ def medians(rows: list[dict], warmup: int) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    from algos.device import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    if device.type == "cpu":  # the trainer's Accelerator takes the CPU even where CUDA exists
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    args.bf16 = dtype == torch.bfloat16 if args.dtype != "auto" else (args.bf16 or device.type == "cuda")
+    args.use_cpu = device.type == "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["REPRO_RL_NUM_THREADS"] = str(args.threads)

@@ -65,6 +65,7 @@ class EvalError(ValueError):
 
 
 def parse_args(argv):
+    from algos.device import add_device_arguments
     from train.cli import _OneLineParser, _parse_bool
 
     ap = _OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
@@ -102,6 +103,7 @@ def parse_args(argv):
       help="vLLM weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     a("--output_dir", default="runs/eval", help="where results, plots and samples/ go")
     a("--overwrite", action="store_true", help="discard earlier samples and settings in --output_dir")
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
     try:
         args.configs = expand_configs(args.decoder, args.confidence)
@@ -163,11 +165,15 @@ def load_problems(args) -> list[dict]:
 def load_decoder(args):
     from transformers.utils import logging as hf_logging
 
+    from algos.device import dtype_name, resolve_device_dtype
     from deploy.decoder import EfficientDecoder
 
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    args.device, args.dtype = str(device), dtype_name(dtype)  # settings.json records what 'auto' became
     hf_logging.disable_progress_bar()  # errors stay one line; the evaluation has its own bars
     try:
-        decoder = EfficientDecoder.from_pretrained(args.model, probe=args.probe, router=args.router)
+        decoder = EfficientDecoder.from_pretrained(args.model, probe=args.probe, router=args.router,
+                                                   device=device, dtype=dtype)
     finally:
         hf_logging.enable_progress_bar()
     for config in args.configs:

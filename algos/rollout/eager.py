@@ -13,7 +13,9 @@ takes the top-1 token and a new child, which copies the parent's prefix and KV-c
 drawn from p without replacement instead). Each sequence branches at most once per step.
 A prompt's branching closes at the cap or after ``quiet_steps`` steps without a branch; its
 sequences then finish by plain sampling. ``dynamic_threshold``: theta_eff = max(theta, 99th
-percentile of the entropies this prompt has seen so far) (reference default: on).
+percentile of the entropies this prompt has seen so far) (reference default: on), read from a
+running histogram (:class:`algos.rollout.quantile.RunningQuantile`, 4096 bins over [0, ln K],
+within 0.001 nats for K = 20), so a step costs the same after 100 or 300k entropies.
 
 Finished sequences (EOS or length) leave the batch, so their rows stop costing compute.
 Recorded per token: the policy's real log-prob of the chosen token under the tempered
@@ -34,6 +36,7 @@ and children fork the parent's KV rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +44,7 @@ from transformers import DynamicCache
 
 from algos.hf_compat import cache_arg
 from algos.rollout.base import mask_top_k_top_p
+from algos.rollout.quantile import RunningQuantile
 
 
 @dataclass
@@ -117,7 +121,9 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     created = [copies] * num_prompts
     open_ = [caps[i] > created[i] for i in range(num_prompts)]
     quiet = [0] * num_prompts
-    seen: list[list[float]] = [[] for _ in range(num_prompts)]
+    # the entropies each prompt has seen, as a histogram (O(1) per step; dynamic threshold only)
+    seen = (RunningQuantile(num_prompts, 0.0, math.log(p.entropy_top_k), device=input_ids.device)
+            if p.dynamic_threshold else None)
 
     cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
     limit = p.max_new_tokens + (exits.extra_tokens if exits is not None else 0)
@@ -153,9 +159,10 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         prompt_of_row = [seqs[s].prompt_index for s in rows]
         if any(open_):
             h = topk_entropy(logits, p.entropy_top_k)
-            theta_now = {q: _effective_theta(thetas[q], seen[q], p.dynamic_threshold) if open_[q] else float("inf")
-                         for q in set(prompt_of_row)}  # once per prompt, not per row
-            theta_row = torch.tensor([theta_now[q] for q in prompt_of_row], device=h.device)
+            theta_row = torch.tensor([thetas[q] if open_[q] else float("inf") for q in prompt_of_row], device=h.device)
+            prompt_row = torch.tensor(prompt_of_row, device=h.device)
+            if seen is not None:  # theta_eff = max(theta, 99th percentile of the entropies seen so far)
+                theta_row = torch.maximum(theta_row, seen.quantile(0.99).to(h.device)[prompt_row].nan_to_num(-math.inf))
             branched = set()
             for r in torch.nonzero(h > theta_row).flatten().tolist():
                 q = prompt_of_row[r]
@@ -167,10 +174,9 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 children.append((r, second))
                 created[q] += 1
                 branched.add(q)
-            if p.dynamic_threshold:  # the entropies seen are only needed for the dynamic threshold
-                for q, value in zip(prompt_of_row, h.tolist()):
-                    if open_[q]:
-                        seen[q].append(value)
+            if seen is not None:
+                still_open = torch.tensor([open_[q] for q in prompt_of_row], device=h.device)
+                seen.add(prompt_row[still_open], h[still_open])
             for q in set(prompt_of_row):
                 if not open_[q]:
                     continue
@@ -217,7 +223,7 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             break
         index = torch.tensor([parent_row[i] for i in new_rows], device=ids.device)
         if len(new_rows) != len(prompt_of_row) or children:
-            cache.reorder_cache(index)
+            _keep_cache_rows(cache, [parent_row[i] for i in new_rows], ids.device)
             mask = mask.index_select(0, index)
         rows = [rows[i] for i in new_rows]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -254,7 +260,27 @@ def _score_cues(exits, out, seqs: list[EagerSequence], rows: list[int], mask: to
     return mask, logits
 
 
+def contiguous_rows(rows: list[int]) -> slice | None:
+    """``slice(a, b)`` when ``rows`` is a..b-1 in order (rows dropped only at the ends), else None."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
+
+
+def _keep_cache_rows(cache, rows: list[int], device) -> None:
+    """The cache's rows become ``rows`` (repeats for forks). Rows dropped only at the ends are a view
+    of each layer's tensors (no copy); otherwise ``reorder_cache`` copies each layer's kept rows, one
+    layer at a time (transient memory: one layer, not the whole cache)."""
+    window = contiguous_rows(rows)
+    if window is not None and type(cache) is DynamicCache:  # other caches (Dr.LLM's PathCache) reorder their own way
+        cache.batch_select_indices(window)
+    else:
+        cache.reorder_cache(torch.tensor(rows, device=device))
+
+
 def _effective_theta(theta: float, seen: list[float], dynamic: bool) -> float:
+    """The exact definition (reference): max(theta, torch.quantile(seen, 0.99)); O(len(seen)).
+    ``eager_generate`` reads the percentile from a :class:`RunningQuantile` instead (within one bin)."""
     if not dynamic or not seen:
         return theta
     return max(theta, float(torch.quantile(torch.tensor(seen), 0.99)))

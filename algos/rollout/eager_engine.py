@@ -52,9 +52,7 @@ class EagerEngine(HFGenerateEngine):
         super().__init__(tokenizer, params)
         self.settings = settings
         self.verifier = verifier
-        self.generator = None
-        if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, None  # made on the model's device at the first call
         self.end_think = end_think_ids(tokenizer)
 
     def eager_params(self, num_generations: int) -> EagerParams:
@@ -68,6 +66,8 @@ class EagerEngine(HFGenerateEngine):
     def generate(self, model, prompts: list[str], num_generations: int = 1,
                  extras: dict[str, list] | None = None) -> RolloutBatch:
         device = next(model.parameters()).device
+        if self.seed is not None and (self.generator is None or self.generator.device.type != device.type):
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         extras = extras or {}
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts, device)
         verifier = None

@@ -1,0 +1,44 @@
+"""DeepSpeed ZeRO-2/3 really run: 2 processes on the CPU (DS_ACCELERATOR=cpu, gloo), through
+`accelerate launch --config_file configs/accelerate/zero{2,3}.yaml`, as a user would launch them.
+
+Needs `pip install deepspeed` (scripts/setup.sh installs it) and the trainer's use of
+``algos.deepspeed_setup`` (without it accelerate silently replaces DeepSpeed by plain data parallelism
+on a CPU, which these tests catch: only DeepSpeed's save writes zero_to_fp32.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:length_reward"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, algorithm, extra", [
+    ("zero2", "grpo", []), ("zero2", "ppo", []), ("zero2", "grpo", ["--use_peft", "true"]),
+    ("zero3", "grpo", []), ("zero3", "grpo", ["--use_peft", "true"]),
+])
+def test_zero_runs_on_two_cpu_processes(tiny_model_path, tmp_path, stage, algorithm, extra):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "REPRO_RL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
+         f"configs/accelerate/{stage}.yaml", "--num_processes", "2", "--mixed_precision", "no",
+         f"train/{algorithm}.py", "--model_name_or_path", tiny_model_path, "--reward", REWARD, "--max_steps", "2",
+         "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
+         "--num_eval_samples", "0", "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out),
+         *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "trainer_state" / "zero_to_fp32.py").exists(), "ran without DeepSpeed"
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    a, b = state["rank_weight_checksums"]
+    assert a == b, "the two processes ended with different weights"
