@@ -29,6 +29,7 @@ from algos.batch import RolloutBatch, concat_batches
 from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
 from algos.data import ArithmeticTask, build_prompt, load_records
+from algos.deepspeed_setup import accelerator_placement, fill_deepspeed_config
 from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
 from algos.importance import engine_is_weights
@@ -148,10 +149,11 @@ class RLTrainer:
         if not c.output_dir:
             c.output_dir = str(Path("runs") / c.algorithm)
         # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes 2` then runs
-        # data-parallel on CPU over gloo instead of N unrelated single-process runs.
+        # data-parallel on CPU over gloo instead of N unrelated single-process runs; a DeepSpeed
+        # launch on the CPU gets cpu=False and gloo instead (algos.deepspeed_setup).
         self.accelerator = Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps,
                                        mixed_precision="bf16" if c.bf16 else "no",
-                                       cpu=not torch.cuda.is_available())
+                                       **accelerator_placement())
         set_seed(c.seed, device_specific=True)
         acc = self.accelerator
         if acc.device.type == "cpu":
@@ -235,6 +237,7 @@ class RLTrainer:
         # advance it once per process).
         self.scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.warmup_steps,
                                        num_training_steps=self.total_optimizer_steps)
+        fill_deepspeed_config(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
