@@ -112,6 +112,19 @@ def test_trl_rewards_on_conversational_dataset(tiny_model_path, tmp_path, monkey
     assert call["global_step"] == 0 and call["max_steps"] == 1
 
 
+def test_trl_reward_on_a_question_and_solution_dataset(tiny_model_path, tmp_path):
+    """The issue's report: question + solution columns with trl.rewards:accuracy_reward stopped with
+    'string indices must be integers' (completions were strings for a chat prompt)."""
+    from trl.rewards import accuracy_reward
+
+    data = write_jsonl(tmp_path / "qs.jsonl", [{"question": q, "solution": a} for q, a in QUESTIONS])
+    step, rows = grpo_step(tiny_model_path, tmp_path / "run", data, "trl.rewards:accuracy_reward")
+    for row in rows:
+        completion = [{"role": "assistant", "content": row["completion"]}]
+        assert row["rewards/accuracy_reward"] == accuracy_reward([completion], [row["answer"]])[0]
+    assert step["rewards/accuracy_reward"] == 0.0
+
+
 def test_verl_compute_score_file_and_parquet_dataset(number_model_path, tmp_path):
     """A verl reward file (bare path: its compute_score, dict return) on a verl-style parquet dataset."""
     import importlib.util
@@ -256,6 +269,23 @@ def test_unloadable_reward_model_is_one_line(tmp_path):
     with pytest.raises(RewardConfigError) as info:
         RewardStack(str(tmp_path))  # a directory without a model
     assert "\n" not in str(info.value) and "loadable sequence-classification model" in str(info.value)
+
+
+def test_cli_refusals_are_one_line(tiny_model_path, tmp_path):
+    import subprocess
+    import sys
+
+    bad_reward = tmp_path / "bad.py"
+    bad_reward.write_text("def score(text, gold):\n    return 1.0\n")
+    no_prompt = write_jsonl(tmp_path / "text.jsonl", [{"text": "hi", "answer": "1"}] * 4)
+    for args, needle in [(["--reward", f"{bad_reward}:score"], "'score' takes (text, gold); expected TRL's"),
+                         (["--dataset", str(no_prompt)], "neither a 'prompt' column")]:
+        result = subprocess.run([sys.executable, "train/grpo.py", "--model_name_or_path", tiny_model_path,
+                                 "--report_to", "none", "--output_dir", str(tmp_path / "out"), *args],
+                                cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
 
 
 def test_dataset_without_prompt_or_question_is_one_line(tmp_path):
