@@ -147,8 +147,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return white
 
 
+def _valid_weights(scores: torch.Tensor, valid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores with invalid rows set to 0, 0/1 weights): rows with ``valid`` False count nowhere."""
+    if valid is None:
+        return scores, torch.ones_like(scores)
+    v = torch.as_tensor(valid, device=scores.device).bool()
+    return torch.where(v, scores, torch.zeros_like(scores)), v.to(scores.dtype)
+
+
 @torch.no_grad()
-def group_mean_std(scores: torch.Tensor, group_ids, reduce: Reduce | None = None
+def group_mean_std(scores: torch.Tensor, group_ids, reduce: Reduce | None = None, valid=None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (mean_g, std_g, n_g) of the group each score belongs to, shapes (B,).
 
@@ -158,20 +166,23 @@ def group_mean_std(scores: torch.Tensor, group_ids, reduce: Reduce | None = None
     the sample and the gradient stays unbiased) and std_g the unbiased std of all the batch's scores
     (1 if it is 0). Alone in the batch, mean_g = s (advantage 0) and std_g = 1. verl instead uses
     mean 0 and std 1, which hands a singleton its raw score: a formatted wrong answer is reinforced.
-    ``reduce`` sums over processes for the batch statistics. Vectorised with index_add.
+    ``valid`` (B,) bool: rows left out of every statistic and count (TRL's unscorable completions,
+    whose rewards were all None). ``reduce`` sums over processes for the batch statistics.
+    Vectorised with index_add.
     """
     reduce = reduce or _local
+    scores, w = _valid_weights(scores, valid)
     inverse, n_groups = _group_index(group_ids, scores.shape[0], scores.device)
-    counts = torch.bincount(inverse, minlength=n_groups).to(scores.dtype)
+    counts = _group_sum(w, inverse, n_groups)
     mean_g = _group_sum(scores, inverse, n_groups) / counts.clamp(min=1)
-    sq_dev = _group_sum((scores - mean_g[inverse]) ** 2, inverse, n_groups)
+    sq_dev = _group_sum((scores - mean_g[inverse]) ** 2 * w, inverse, n_groups)
     std_g = torch.sqrt(sq_dev / (counts - 1).clamp(min=1))
     mean, std, n = mean_g[inverse], std_g[inverse], counts[inverse]
     single = n == 1
     if bool(reduce(single.any().to(scores.dtype)) > 0):  # every process takes part in the reduction
-        total, count = reduce(scores.sum()), reduce(scores.new_tensor(float(scores.numel())))
+        total, count = reduce(scores.sum()), reduce(w.sum())
         batch_mean = total / count.clamp(min=1)
-        batch_var = reduce(((scores - batch_mean) ** 2).sum()) / (count - 1).clamp(min=1)
+        batch_var = reduce(((scores - batch_mean) ** 2 * w).sum()) / (count - 1).clamp(min=1)
         batch_std = torch.where(batch_var > 0, batch_var.sqrt(), torch.ones_like(batch_var))
         others = torch.where(count > 1, (total - scores) / (count - 1).clamp(min=1), scores)
         mean = torch.where(single, others, mean)
@@ -179,13 +190,14 @@ def group_mean_std(scores: torch.Tensor, group_ids, reduce: Reduce | None = None
     return mean, std, n
 
 
-def batch_std(scores: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
-    """Unbiased std of all scores of the batch (every process's with ``reduce``): TRL's
+def batch_std(scores: torch.Tensor, reduce: Reduce | None = None, valid=None) -> torch.Tensor:
+    """Unbiased std of all (``valid``) scores of the batch (every process's with ``reduce``): TRL's
     ``scale_rewards="batch"``."""
     reduce = reduce or _local
-    count = reduce(scores.new_tensor(float(scores.numel())))
+    scores, w = _valid_weights(scores, valid)
+    count = reduce(w.sum())
     mean = reduce(scores.sum()) / count.clamp(min=1)
-    return torch.sqrt(reduce(((scores - mean) ** 2).sum()) / (count - 1).clamp(min=1))
+    return torch.sqrt(reduce(((scores - mean) ** 2 * w).sum()) / (count - 1).clamp(min=1))
 
 
 # --------------------------------------------------------------------------- estimators
@@ -241,6 +253,7 @@ def grpo(
     scale: str = "group",
     eps: float = 1e-6,
     reduce: Reduce | None = None,
+    valid=None,
 ) -> torch.Tensor:
     """GRPO outcome advantage, broadcast over the mask, (B, T).
 
@@ -248,19 +261,22 @@ def grpo(
     ``scale_rewards``): "group" divides by the group's unbiased std_g (verl, GRPO), "batch" by the
     std of all scores of the batch (TRL; a group that differs only in a small reward term keeps a
     small advantage), "none" not at all (Dr.GRPO: A_i = s_i - mean_g). Size-1 groups: see
-    ``group_mean_std``. Source: verl core_algos compute_grpo_outcome_advantage (epsilon=1e-6),
-    TRL ``GRPOTrainer`` (scale_rewards).
+    ``group_mean_std``. Rows with ``valid`` False (every reward None) are left out of the
+    statistics and get A = 0 (TRL). Source: verl core_algos compute_grpo_outcome_advantage
+    (epsilon=1e-6), TRL ``GRPOTrainer`` (scale_rewards, unscorable completions).
     """
     _check_same_shape(token_rewards=token_rewards, mask=mask)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"unknown GRPO reward scaling {scale!r}; choose group, batch or none")
     scores = _sequence_scores(token_rewards, mask)
-    mean, std, _ = group_mean_std(scores, group_ids, reduce)
+    mean, std, _ = group_mean_std(scores, group_ids, reduce, valid)
     adv = scores - mean
     if scale == "group":
         adv = adv / (std + eps)
     elif scale == "batch":
-        adv = adv / (batch_std(scores, reduce) + eps)
+        adv = adv / (batch_std(scores, reduce, valid) + eps)
+    if valid is not None:
+        adv = torch.where(torch.as_tensor(valid, device=adv.device).bool(), adv, torch.zeros_like(adv))
     return adv.to(token_rewards.dtype).unsqueeze(-1) * _float_mask(mask, token_rewards)
 
 
@@ -292,18 +308,21 @@ def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 @torch.no_grad()
 def reinforce_pp_baseline(token_rewards: torch.Tensor, mask: torch.Tensor, group_ids,
-                          reduce: Reduce | None = None) -> torch.Tensor:
+                          reduce: Reduce | None = None, valid=None) -> torch.Tensor:
     """REINFORCE++-baseline advantage, (B, T).
 
     A_i = s_i - mean_g (size-1 group: see ``group_mean_std``), tiled over the tokens, then
     masked_whiten over all valid tokens of the batch, times mask (KL belongs in the loss here).
+    Rows with ``valid`` False are left out of the statistics and get 0, as in ``grpo``.
     Source: verl core_algos compute_reinforce_plus_plus_baseline_outcome_advantage convention.
     """
     _check_same_shape(token_rewards=token_rewards, mask=mask)
     scores = _sequence_scores(token_rewards, mask)
-    mean, _, _ = group_mean_std(scores, group_ids, reduce)
+    mean, _, _ = group_mean_std(scores, group_ids, reduce, valid)
     dt = _compute_dtype(token_rewards.dtype)
     m = _float_mask(mask, token_rewards.to(dt))
+    if valid is not None:
+        m = m * torch.as_tensor(valid, device=m.device).to(dt).unsqueeze(-1)
     tiled = (scores - mean).to(dt).unsqueeze(-1) * m
     return (masked_whiten(tiled, m, reduce=reduce) * m).to(token_rewards.dtype)
 
@@ -328,7 +347,7 @@ def rloo(token_rewards: torch.Tensor, mask: torch.Tensor, group_ids) -> torch.Te
 
 # --------------------------------------------------------------------------- the registry
 # One signature for every estimator, as verl's ``core_algos`` registry:
-#   fn(token_rewards, mask, *, group_ids, values, gamma, lam, scale, reduce) -> (advantages, returns)
+#   fn(token_rewards, mask, *, group_ids, values, gamma, lam, scale, reduce, valid) -> (advantages, returns)
 # (``returns`` is None except for GAE, whose returns train the critic). The trainer looks the
 # estimator up by name and passes everything; each takes what it needs.
 
@@ -352,8 +371,8 @@ def _gae(token_rewards, mask, *, values, gamma=1.0, lam=1.0, reduce=None, **_):
 
 
 @register_advantage("grpo")
-def _grpo(token_rewards, mask, *, group_ids, scale="group", reduce=None, **_):
-    return grpo(token_rewards, mask, group_ids, scale=scale, reduce=reduce), None
+def _grpo(token_rewards, mask, *, group_ids, scale="group", reduce=None, valid=None, **_):
+    return grpo(token_rewards, mask, group_ids, scale=scale, reduce=reduce, valid=valid), None
 
 
 @register_advantage("reinforce_pp")
@@ -362,8 +381,8 @@ def _reinforce_pp(token_rewards, mask, *, gamma=1.0, reduce=None, **_):
 
 
 @register_advantage("reinforce_pp_baseline")
-def _reinforce_pp_baseline(token_rewards, mask, *, group_ids, reduce=None, **_):
-    return reinforce_pp_baseline(token_rewards, mask, group_ids, reduce=reduce), None
+def _reinforce_pp_baseline(token_rewards, mask, *, group_ids, reduce=None, valid=None, **_):
+    return reinforce_pp_baseline(token_rewards, mask, group_ids, reduce=reduce, valid=valid), None
 
 
 @register_advantage("rloo")

@@ -38,15 +38,20 @@ class RLConfig:
     seed: int = _f(42, "Random seed (data order, sampling, initialisation).")
     # --- data ----------------------------------------------------------------------------------
     dataset: str = _f("arithmetic", "'arithmetic' (seeded synthetic task), 'gsm8k' (shipped train "
-                      "split), an HF hub dataset name, or a local .jsonl/.json/.parquet file.")
+                      "split), an HF hub dataset name, or a local .jsonl/.json/.parquet file; TRL's prompt "
+                      "column (messages or text) and verl's parquet layout load as they are.")
     dataset_split: str = _f("train", "Split of an HF hub dataset to train on.")
-    question_column: str = _f("question", "Dataset column holding the question.")
-    answer_column: str = _f("answer", "Dataset column holding the ground-truth answer.")
+    question_column: str = _f("question", "Dataset column holding the question (used when the dataset "
+                              "has no 'prompt' column).")
+    answer_column: str = _f("answer", "Dataset column holding the ground-truth answer; for 'answer', "
+                            "else 'solution' (TRL) or reward_model.ground_truth (verl).")
     prompt_template: str = _f(
         "{question}\nGive the final answer as a number in \\boxed{{}}, for example \\boxed{{42}}.",
-        "Python format string for the user message; {question} is replaced.")
-    system_prompt: str = _f("", "Optional system message (empty: the chat template's default).")
-    use_chat_template: bool = _f(True, "Wrap prompts in the tokenizer's chat template.")
+        "Python format string for the user message; {question} is replaced (question datasets only).")
+    system_prompt: str = _f("", "Optional system message (empty: the chat template's default; question "
+                            "datasets only).")
+    use_chat_template: bool = _f(True, "Wrap question prompts in the tokenizer's chat template (a "
+                                 "dataset's chat-message prompts always are).")
     arithmetic_digits: int = _f(2, "Arithmetic task: digits per operand.")
     arithmetic_operands: int = _f(2, "Arithmetic task: number of operands.")
     arithmetic_operators: str = _f("+", "Arithmetic task: operators to draw from ('+', '+-', '+-*').")
@@ -60,7 +65,9 @@ class RLConfig:
     eval_batch_size: int = _f(64, "Prompts per evaluation generate call.")
     # --- rewards -------------------------------------------------------------------------------
     reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, overlong, "
-                     "repro) or module:function / file.py:function with the TRL signature.")
+                     "repro), module:function or file.py:function with TRL's, verl's or OpenRLHF's "
+                     "signature, file.py (its compute_score or reward_func), or a sequence-classification "
+                     "model's hub id or directory.")
     reward_weights: str = _f("", "Comma-separated weights, one per outcome reward (REPRO excluded; "
                              "its weight is --repro_alpha). Default all 1.0.")
     overlong_buffer_length: int = _f(0, "The 'overlong' reward (DAPO's soft overlong punishment): the "

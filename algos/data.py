@@ -1,28 +1,26 @@
 """Prompt datasets: the shipped GSM8K split, a seeded arithmetic task, and any HF dataset.
 
-Every loader returns a list of records ``{"question": str, "answer": str, ...}``; the trainer
-turns a record into a chat prompt with :func:`build_prompt`. Extra columns ride along and reach
-reward functions as keyword arguments (TRL convention).
+Every loader returns a list of records ``{"question": str, "answer": str | None, ...}`` (a TRL or
+verl dataset's records also hold its ``prompt``; layouts in :mod:`algos.data_formats`); the trainer
+turns a record into the model's prompt. Extra columns ride along and reach reward functions as
+keyword arguments (TRL convention).
 """
 from __future__ import annotations
 
 import json
 import random
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from algos.data_formats import (DEFAULT_PROMPT_TEMPLATE, DataConfigError, dataset_prompt, find_answer_column,
+                                gsm8k_final_answer, prompt_column, render_prompt, to_record)
+
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DataConfigError", "ArithmeticTask", "gsm8k_final_answer", "load_gsm8k",
+           "load_hf_dataset", "load_records", "build_prompt", "in_test_part"]
+
 SHIPPED_DIR = Path(__file__).parent / "datasets"
 GSM8K_TRAIN = SHIPPED_DIR / "gsm8k_train.jsonl"
-
-DEFAULT_PROMPT_TEMPLATE = (
-    "{question}\nGive the final answer as a number in \\boxed{{}}, for example \\boxed{{42}}."
-)
-
-
-class DataConfigError(ValueError):
-    """Bad dataset settings; the message names what to fix."""
 
 
 def in_test_part(expression: str, fraction: float = 0.3) -> bool:
@@ -85,14 +83,6 @@ class ArithmeticTask:
         return records
 
 
-def gsm8k_final_answer(solution: str) -> str:
-    """GSM8K solutions end with '#### <answer>'; commas are dropped."""
-    match = re.search(r"####\s*(.+?)\s*$", solution.strip())
-    if not match:
-        raise DataConfigError("GSM8K record without a '#### answer' line")
-    return match.group(1).replace(",", "").strip()
-
-
 def load_gsm8k(path: Path = GSM8K_TRAIN) -> list[dict]:
     """The shipped GSM8K train split (7,473 problems, MIT licence in datasets/GSM8K_LICENSE)."""
     records = []
@@ -105,8 +95,10 @@ def load_gsm8k(path: Path = GSM8K_TRAIN) -> list[dict]:
 
 
 def load_hf_dataset(name_or_path: str, split: str = "train", question_column: str = "question",
-                    answer_column: str = "answer", subset: str | None = None) -> list[dict]:
-    """Any HF dataset: a hub name or a local .jsonl/.json/.parquet file, columns mapped."""
+                    answer_column: str = "answer", subset: str | None = None,
+                    require_answer: bool = True) -> list[dict]:
+    """Any HF dataset: a hub name or a local .jsonl/.json/.parquet file, in our, TRL's or verl's
+    layout (:mod:`algos.data_formats`). ``require_answer``: a dataset without a gold answer is an error."""
     import datasets
 
     path = Path(name_or_path)
@@ -122,24 +114,21 @@ def load_hf_dataset(name_or_path: str, split: str = "train", question_column: st
         raise
     except Exception as exc:  # datasets raises many types; keep one line for the user
         raise DataConfigError(f"cannot load dataset '{name_or_path}': {str(exc).splitlines()[0]}") from exc
-    for column in (question_column, answer_column):
-        if column not in ds.column_names:
-            raise DataConfigError(
-                f"dataset '{name_or_path}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
-                "set --question_column / --answer_column")
-    records = []
-    for row in ds:
-        record = dict(row)
-        record["question"] = str(row[question_column])
-        answer = str(row[answer_column])
-        record["answer"] = gsm8k_final_answer(answer) if "####" in answer else answer
-        records.append(record)
-    return records
+    columns = ds.column_names
+    prompt_col = prompt_column(columns, question_column, name_or_path)
+    answer_col = find_answer_column(columns, answer_column)
+    if answer_col is None and require_answer:
+        tried = "'answer', 'solution' or verl's reward_model.ground_truth" if answer_column == "answer" \
+            else f"'{answer_column}'"
+        raise DataConfigError(f"dataset '{name_or_path}' has no answer column ({tried}; columns: "
+                              f"{', '.join(columns)}); set --answer_column, or train with rewards that need none "
+                              "(no accuracy or repro) and --num_eval_samples 0")
+    return [to_record(row, prompt_col, answer_col, name_or_path, i) for i, row in enumerate(ds)]
 
 
 def load_records(dataset: str, split: str = "train", n: int | None = None, seed: int = 0,
                  question_column: str = "question", answer_column: str = "answer",
-                 arithmetic: ArithmeticTask | None = None) -> list[dict]:
+                 arithmetic: ArithmeticTask | None = None, require_answer: bool = True) -> list[dict]:
     """Records for ``dataset``: 'arithmetic', 'gsm8k', a hub name or a local file."""
     if dataset == "arithmetic":
         return (arithmetic or ArithmeticTask()).generate(n or 10_000, seed=seed, split=split)
@@ -149,21 +138,13 @@ def load_records(dataset: str, split: str = "train", n: int | None = None, seed:
                                   "use --dataset openai/gsm8k (network) or a local file for test")
         records = load_gsm8k()
     else:
-        records = load_hf_dataset(dataset, split, question_column, answer_column)
+        records = load_hf_dataset(dataset, split, question_column, answer_column, require_answer=require_answer)
     return records[:n] if n else records
 
 
 def build_prompt(tokenizer, question: str, template: str = DEFAULT_PROMPT_TEMPLATE,
                  system_prompt: str | None = None, use_chat_template: bool = True) -> str:
-    """The prompt text: the template filled with the question, wrapped in the chat template."""
-    try:
-        content = template.format(question=question)
-    except (KeyError, IndexError) as exc:
-        raise DataConfigError(f"prompt_template must contain only the field {{question}} "
-                              f"(escape braces as {{{{ }}}}): {exc}") from exc
-    if not use_chat_template or not getattr(tokenizer, "chat_template", None):
-        return content
-    messages = [{"role": "user", "content": content}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt text: the template filled with the question, wrapped in the chat template
+    (without one, or with ``use_chat_template=False``, the filled template)."""
+    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return render_prompt(tokenizer, dataset_prompt({"question": question}, template, system_prompt, chat))

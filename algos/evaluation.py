@@ -10,7 +10,8 @@ from algos.rollout import SamplingParams
 def evaluate_accuracy(model, engine, records: list[dict], prompt_text,
                       accelerator=None, batch_size: int = 64) -> dict:
     """Greedy accuracy of ``model`` on ``records`` (split over processes when distributed), sampled by
-    ``engine`` (HF or vLLM) with its lengths and greedy decoding."""
+    ``engine`` (HF or vLLM) with its lengths and greedy decoding; ``prompt_text(record)`` is the
+    model's input."""
     from rewards.verify import is_correct
 
     greedy = engine.with_params(SamplingParams(
@@ -21,7 +22,7 @@ def evaluate_accuracy(model, engine, records: list[dict], prompt_text,
     correct, lengths = [], []
     for lo in range(0, len(mine), batch_size):
         chunk = mine[lo:lo + batch_size]
-        batch = greedy.generate(model, [prompt_text(r["question"]) for r in chunk], 1)
+        batch = greedy.generate(model, [prompt_text(r) for r in chunk], 1)
         correct += [float(is_correct(text, str(r["answer"]))) for text, r in zip(batch.completions, chunk)]
         lengths += batch.response_mask.sum(dim=1).tolist()
     totals = torch.tensor([sum(correct), len(correct), sum(lengths)], dtype=torch.float64)

@@ -28,7 +28,8 @@ from algos.advantages import ADVANTAGE_ESTIMATORS, ESTIMATOR_FOR_ALGORITHM
 from algos.batch import RolloutBatch, concat_batches
 from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
-from algos.data import ArithmeticTask, build_prompt, load_records
+from algos.data import ArithmeticTask, load_records
+from algos.data_formats import dataset_prompt, render_prompt
 from algos.deepspeed_setup import accelerator_placement, fill_deepspeed_config
 from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
@@ -305,7 +306,7 @@ class RLTrainer:
         """Full EAGER's verifier: a completion is correct when its 'accuracy' reward (or, without
         one, its total reward) is > 0."""
         n = len(completions)
-        out = self.rewards([prompt] * n, completions, completion_ids, **{k: [v] * n for k, v in extras.items()})
+        out = self.reward([prompt] * n, completions, completion_ids, {k: [v] * n for k, v in extras.items()})
         scores = out.components.get("accuracy", out.total)
         return [bool(x > 0) for x in scores.tolist()]
 
@@ -318,8 +319,9 @@ class RLTrainer:
             held_out = (load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)
                         if c.num_eval_samples else [])
             return train, held_out
+        needs_answer = "accuracy" in c.outcome_rewards or c.use_repro or c.num_eval_samples > 0
         records = load_records(c.dataset, c.dataset_split, None, c.seed,
-                               c.question_column, c.answer_column)
+                               c.question_column, c.answer_column, require_answer=needs_answer)
         if len(records) <= c.num_eval_samples:
             from algos.data import DataConfigError
 
@@ -329,10 +331,15 @@ class RLTrainer:
         train = records[: len(records) - c.num_eval_samples][: c.num_train_samples]
         return train, held_out
 
-    def prompt_text(self, question: str) -> str:
+    def dataset_prompt(self, record: dict):
+        """The record's prompt in TRL's format (chat messages or text; ``algos.data_formats``)."""
         c = self.config
-        return build_prompt(self.tokenizer, question, c.prompt_template, c.system_prompt or None,
-                            c.use_chat_template)
+        chat = c.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        return dataset_prompt(record, c.prompt_template, c.system_prompt or None, chat)
+
+    def prompt_text(self, record: dict) -> str:
+        """The model's input text for a record."""
+        return render_prompt(self.tokenizer, self.dataset_prompt(record))
 
     @property
     def policy(self):
@@ -350,7 +357,8 @@ class RLTrainer:
         records = [self.train_records[i] for i in mine]
         extras = {k: [r.get(k) for r in records] for k in records[0]}
         extras["dataset_index"] = mine
-        return [self.prompt_text(r["question"]) for r in records], extras
+        extras["prompt"] = [self.dataset_prompt(r) for r in records]
+        return [render_prompt(self.tokenizer, p) for p in extras["prompt"]], extras
 
     def rollout(self, prompts: list[str], extras: dict[str, list]) -> RolloutBatch:
         # One autocast region around the whole rollout: under --bf16 each weight is cast to bf16
@@ -422,12 +430,14 @@ class RLTrainer:
             return tensor
         return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
 
-    def compute_advantages(self, batch, token_rewards, values):
-        """(advantages, returns or None) from the algorithm's estimator in the registry."""
+    def compute_advantages(self, batch, token_rewards, values, valid=None):
+        """(advantages, returns or None) from the algorithm's estimator in the registry; rows with
+        ``valid`` False (every reward None) stay out of group statistics."""
         c = self.config
         estimator = ADVANTAGE_ESTIMATORS[ESTIMATOR_FOR_ALGORITHM[c.algorithm]]
         return estimator(token_rewards, batch.response_mask, group_ids=batch.group_ids, values=values,
-                         gamma=c.gamma, lam=c.lam, scale=c.scale_rewards, reduce=self.sum_over_processes)
+                         gamma=c.gamma, lam=c.lam, scale=c.scale_rewards, reduce=self.sum_over_processes,
+                         valid=valid)
 
     def repro_process_term(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """REPRO's term, scored with the current policy: for PPO the group-normalised process
@@ -452,9 +462,21 @@ class RLTrainer:
     def score(self, batch: RolloutBatch):
         """The reward stack on a rollout batch (completion ids cut at each response's length)."""
         lengths = batch.response_mask.sum(dim=1)
-        return self.rewards(batch.prompts, batch.completions,
-                            [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)],
-                            **batch.extras)
+        return self.reward(batch.prompts, batch.completions,
+                           [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)], batch.extras)
+
+    def reward(self, prompt_texts, completions, completion_ids, extras):
+        """The reward stack as TRL calls rewards: the dataset's prompts (``extras["prompt"]``), every
+        other column as a keyword, and ``trainer_state`` (steps counted in optimizer steps, as TRL)."""
+        from transformers import TrainerState
+
+        c = self.config
+        per_step = c.num_iterations * c.steps_per_generation
+        state = TrainerState(global_step=self.step * per_step, max_steps=self.total_optimizer_steps,
+                             epoch=self.prompts_consumed / max(len(self.train_records), 1))
+        columns = {k: v for k, v in extras.items() if k != "prompt"}
+        return self.rewards(extras["prompt"], completions, completion_ids, prompt_texts=prompt_texts,
+                            trainer_state=state, **columns)
 
     def sample(self):
         """(batch, rewards, every generated sequence's reward components, stats) for one step.
@@ -554,9 +576,11 @@ class RLTrainer:
             process, repro_stats = self.repro_process_term(batch)
             if c.algorithm == "ppo":  # group-normalised process rewards join the rewards GAE sees
                 token_rewards = token_rewards + c.repro_alpha * process
-        advantages, returns = self.compute_advantages(batch, token_rewards, old_values)
+        scorable = rewards.scorable.to(mask.device)
+        advantages, returns = self.compute_advantages(batch, token_rewards, old_values, scorable)
         if process is not None and c.algorithm != "ppo":
             advantages = advantages + c.repro_alpha * process
+        advantages = advantages * scorable.unsqueeze(1)  # every reward None: no learning signal (TRL)
         t_prep = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -761,9 +785,10 @@ class RLTrainer:
         batch, rewards = self._last_batch, self._last_rewards
         rows = []
         for i in range(min(self.config.num_completions_to_print, len(batch))):
+            each = {f"rewards/{k}": None if torch.isnan(v[i]) else float(v[i]) for k, v in rewards.components.items()}
             rows.append({"prompt": batch.prompts[i][-200:], "completion": batch.completions[i],
                          "answer": str(batch.extras.get("answer", [""] * len(batch))[i]),
-                         "reward": float(rewards.total[i])})
+                         "reward": float(rewards.total[i]), **each})
         self.tracker.log_samples(rows, step)
 
     def train(self) -> dict:

@@ -1,7 +1,9 @@
 """Reward registry and spec resolution.
 
-A spec is a registered name ("accuracy", "format", "repro"), ``"package.module:function"``
-or ``"path/to/file.py:function"``. Every configuration problem raises
+A spec is a registered name ("accuracy", "format", "overlong"), ``"package.module:function"``,
+``"path/to/file.py:function"``, a bare ``"path/to/file.py"`` (its ``compute_score``, verl's default
+name, or ``reward_func``, OpenRLHF's), or the hub id or directory of a sequence-classification
+model (:mod:`rewards.reward_model`). Every configuration problem raises
 :class:`RewardConfigError` with a one-line message saying what to fix.
 """
 
@@ -72,7 +74,7 @@ def _qualname(fn: Callable) -> str:
 def _hint() -> str:
     return (
         f"registered: {', '.join(registered_rewards())}; "
-        "or use 'package.module:function' or 'path/to/file.py:function'"
+        "or use 'package.module:function', 'path/to/file.py:function' or a reward model's id or directory"
     )
 
 
@@ -125,16 +127,36 @@ def _import_module(spec: str, target: str):
         ) from exc
 
 
-def resolve_reward(spec: str) -> tuple[str, Callable]:
-    """Return ``(name, function)`` for a registered name, ``module:function`` or ``file.py:function``.
+FILE_DEFAULTS = ("compute_score", "reward_func")  # verl's and OpenRLHF's function names
 
-    The name is the registered name, or the function's attribute name for the other forms.
+
+def _file_default(spec: str) -> tuple[str, Callable]:
+    module = _load_file(spec, spec)
+    for name in FILE_DEFAULTS:
+        if callable(getattr(module, name, None)):
+            return name, getattr(module, name)
+    raise RewardConfigError(f"reward {spec!r} defines neither {' nor '.join(FILE_DEFAULTS)}; "
+                            f"name the function as '{spec}:function'")
+
+
+def resolve_reward(spec: str) -> tuple[str, Callable]:
+    """Return ``(name, function)`` for a spec (module docstring).
+
+    The name is the registered name, the function's attribute name, or the reward model's last
+    path part (as TRL names it).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise RewardConfigError(f"empty or non-string reward spec {spec!r}; {_hint()}")
     spec = spec.strip()
     if ":" not in spec:
-        return spec, _lookup_name(spec)
+        if spec.endswith(".py"):
+            return _file_default(spec)
+        if spec in _REGISTRY or spec in _PROCESS_REWARDS or ("/" not in spec and not os.path.isdir(spec)):
+            return spec, _lookup_name(spec)
+        from .reward_model import SequenceClassifierReward
+
+        model = SequenceClassifierReward(spec)
+        return model.__name__, model
     target, _, attr = spec.rpartition(":")  # rpartition keeps "C:\\dir\\f.py:fn" intact
     target, attr = target.strip(), attr.strip()
     if not target or not attr:

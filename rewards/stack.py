@@ -1,9 +1,13 @@
-"""Weighted combination of reward functions with TRL semantics.
+"""Weighted combination of reward functions with TRL semantics
+(``trl/trainer/grpo_trainer.py``: ``_calculate_rewards`` and the weighting after it).
 
-Each function is called once per batch as ``f(prompts=..., completions=...,
-completion_ids=..., **columns)`` and must return B numbers or None. None (or NaN) means
-"not applicable": NaN in the component tensor, skipped in the total (a NaN-sum of the
-weighted components, so a sample where every component is None gets 0).
+Each function is called once per batch in its own convention (TRL, verl or OpenRLHF:
+:mod:`rewards.adapters`) and must return B numbers or None. None (or NaN) means "not applicable":
+NaN in the component tensor, skipped in the total (a NaN-sum of the weighted components). A
+sample where every component is None is *unscorable* (``RewardOutput.scorable`` False): its total
+is 0 and the GRPO advantage leaves it out of the group statistics and gives it 0, as TRL does.
+Synchronous functions run one after another; ``async def`` ones then run concurrently on one
+event loop kept in a background thread (TRL's ``async_loop``), so clients bound to it stay usable.
 
 Extension point for token-level rewards: a function with ``token_level = True`` will
 return a dict (e.g. REPRO's (B, T) token rewards). ``RewardStack._score_tokens`` is where
@@ -13,15 +17,18 @@ are rejected when the stack is built.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .adapters import RewardInputs, call_reward, calling_convention, is_async
 from .registry import RewardConfigError, _describe, resolve_reward
 
 __all__ = ["RewardError", "RewardOutput", "RewardStack", "component_means"]
@@ -40,6 +47,13 @@ class RewardOutput:
     total: torch.Tensor  # (B,) float32 weighted sum, NaN components skipped
     components: dict[str, torch.Tensor]  # name -> (B,) float32 unweighted, NaN = None
     token_rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # future: (B, T)
+
+    @property
+    def scorable(self) -> torch.Tensor:
+        """(B,) bool: some component is not None (all True without components)."""
+        if not self.components:
+            return torch.ones_like(self.total, dtype=torch.bool)
+        return ~torch.isnan(torch.stack(list(self.components.values()))).all(dim=0)
 
     def means(self) -> dict[str, float]:
         """``{"rewards/<name>/mean": nanmean}`` per component (NaN if all None), for logging."""
@@ -75,12 +89,14 @@ class RewardStack:
     ``specs``: list of specs (see :func:`rewards.registry.resolve_reward`), a
     comma-separated string such as ``"accuracy,format"``, or callables (named by
     ``__name__``). ``weights`` default to 1.0 each. Repeated names get "_2", "_3", ...
+    A function whose signature fits no convention of :mod:`rewards.adapters` is refused here.
     """
 
     def __init__(self, specs: list[str] | str, weights: list[float] | None = None):
         items = _split_specs(specs)
         self.names: list[str] = []
         self.funcs: list[Callable] = []
+        self.conventions: list[str] = []
         for item in items:
             if callable(item):
                 name, fn = getattr(item, "__name__", type(item).__name__), item
@@ -97,6 +113,7 @@ class RewardStack:
                 unique = f"{name}_{n}"
             self.names.append(unique)
             self.funcs.append(fn)
+            self.conventions.append(calling_convention(name, fn))
         if weights is None:
             weights = [1.0] * len(self.names)
         weights = list(weights)
@@ -119,69 +136,90 @@ class RewardStack:
 
     def __call__(
         self,
-        prompts: list[str],
+        prompts: list,
         completions: list[str],
         completion_ids: list[list[int]] | None = None,
+        *,
+        prompt_texts: list[str] | None = None,
+        trainer_state=None,
         **columns,
     ) -> RewardOutput:
-        """Score a batch; raises :class:`RewardError` naming the reward (and sample) at fault."""
+        """Score a batch; raises :class:`RewardError` naming the reward (and sample) at fault.
+
+        ``prompts`` in TRL's format (message lists or text, as the dataset holds them),
+        ``completions`` as decoded text, ``prompt_texts`` the model's input text (OpenRLHF's
+        ``prompts``), ``trainer_state`` a ``transformers.TrainerState``; dataset columns as keywords.
+        """
         batch = len(completions)
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} completions")
+        inputs = RewardInputs(list(prompts), list(completions), completion_ids, prompt_texts, columns, trainer_state)
         components = {}
-        for name, fn in zip(self.names, self.funcs):
-            components[name] = self._score_sequence(
-                name, fn, prompts, completions, completion_ids, columns
-            )
+        waiting = []
+        for name, fn, convention in zip(self.names, self.funcs, self.conventions):
+            if is_async(fn):
+                waiting.append((name, fn, convention))
+                continue
+            try:
+                result = call_reward(fn, convention, inputs)
+            except RewardConfigError:
+                raise
+            except Exception as exc:
+                raise self._locate_failure(name, fn, convention, exc, inputs) from exc
+            components[name] = _to_tensor(name, result, batch)
+        if waiting:
+            results = _run(_gather([call_reward(fn, conv, inputs) for _, fn, conv in waiting]))
+            for (name, fn, convention), result in zip(waiting, results):
+                if isinstance(result, RewardConfigError):
+                    raise result
+                if isinstance(result, Exception):
+                    raise self._locate_failure(name, fn, convention, result, inputs) from result
+                components[name] = _to_tensor(name, result, batch)
+        components = {name: components[name] for name in self.names}  # declared order
         if components:
             stacked = torch.stack(list(components.values()))  # (K, B)
             weights = torch.tensor(self.weights, dtype=torch.float32).unsqueeze(1)
             total = torch.nansum(stacked * weights, dim=0)
             if batch and torch.isnan(stacked).all(dim=0).any():
-                logger.warning("every reward returned None for some samples; their total reward is 0")
+                logger.warning("every reward returned None for some samples; they get no advantage")
         else:
             total = torch.zeros(batch, dtype=torch.float32)
         return RewardOutput(total=total, components=components)
 
     # Token-level rewards (token_level=True) will get a sibling `_score_tokens` here.
-    def _score_sequence(
-        self, name, fn, prompts, completions, completion_ids, columns
-    ) -> torch.Tensor:
-        """Call ``fn`` on the whole batch and turn its result into a (B,) float32 tensor."""
-        try:
-            result = fn(
-                prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
-            )
-        except Exception as exc:
-            raise self._locate_failure(name, fn, exc, prompts, completions, completion_ids, columns) from exc
-        return _to_tensor(name, result, len(completions))
-
     @staticmethod
-    def _locate_failure(name, fn, exc, prompts, completions, completion_ids, columns) -> RewardError:
+    def _locate_failure(name, fn, convention, exc, inputs: RewardInputs) -> RewardError:
         """Re-run ``fn`` one sample at a time to find the first one that raises."""
-        batch = len(completions)
-        for i in range(batch):
-            one = {
-                k: v[i : i + 1] if _is_column(v, batch) else v for k, v in columns.items()
-            }
-            ids = completion_ids[i : i + 1] if completion_ids is not None else None
+        for i in range(len(inputs)):
             try:
-                fn(prompts=prompts[i : i + 1], completions=completions[i : i + 1],
-                   completion_ids=ids, **one)
+                result = call_reward(fn, convention, inputs.select(i))
+                if inspect.isawaitable(result):
+                    _run(result)
             except Exception as sample_exc:
                 return RewardError(
                     f"reward {name!r} raised {_describe(sample_exc)} on sample {i} "
-                    f"(prompt={_short(prompts[i])}, completion={_short(completions[i])})"
+                    f"(prompt={_short(inputs.prompt_texts[i])}, completion={_short(inputs.completions[i])})"
                 )
         return RewardError(
-            f"reward {name!r} raised {_describe(exc)} on the batch of {batch}; "
+            f"reward {name!r} raised {_describe(exc)} on the batch of {len(inputs)}; "
             "no single sample reproduces it"
         )
 
 
-def _is_column(value, batch: int) -> bool:
-    """A per-sample dataset column (sliced per sample) rather than a shared kwarg."""
-    return isinstance(value, (list, tuple, torch.Tensor)) and len(value) == batch
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _run(coroutine):
+    """Run ``coroutine`` on the rewards' background event loop (started on first use) and wait."""
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="async-rewards", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coroutine, _LOOP).result()
+
+
+async def _gather(awaitables):
+    return await asyncio.gather(*awaitables, return_exceptions=True)
 
 
 def _to_tensor(name: str, result, batch: int) -> torch.Tensor:
@@ -189,7 +227,7 @@ def _to_tensor(name: str, result, batch: int) -> torch.Tensor:
     if inspect.isawaitable(result):
         if hasattr(result, "close"):
             result.close()
-        raise RewardError(f"reward {name!r} is async; async reward functions are not supported")
+        raise RewardError(f"reward {name!r} returned an awaitable from a plain def; declare it 'async def'")
     if isinstance(result, torch.Tensor):
         if result.dim() != 1:
             raise RewardError(

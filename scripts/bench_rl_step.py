@@ -336,7 +336,7 @@ def main(argv=None):
     n_linear = linear_weights(ours.policy)
     count = (args.steps + 1) * args.num_prompts
     records = [ours.train_records[i] for i in ours.sampler.indices(0, count)]
-    prompts = [ours.prompt_text(r["question"]) for r in records]
+    prompts = [ours.prompt_text(r) for r in records]
     answers = [str(r["answer"]) for r in records]
     print(f"[bench] model {args.model} ({n_linear / 1e6:.1f}M linear weights), {args.num_prompts} prompts x "
           f"G={args.num_generations}, <= {args.max_completion_length} new tokens, "

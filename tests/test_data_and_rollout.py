@@ -47,7 +47,7 @@ def test_local_jsonl_with_column_mapping(tmp_path):
     path.write_text("\n".join(json.dumps({"problem": f"q{i}", "solution": str(i)}) for i in range(3)))
     records = load_records(str(path), question_column="problem", answer_column="solution")
     assert [r["question"] for r in records] == ["q0", "q1", "q2"] and records[2]["answer"] == "2"
-    with pytest.raises(DataConfigError, match="no column 'question'"):
+    with pytest.raises(DataConfigError, match="neither a 'prompt' column .* nor a 'question' column"):
         load_records(str(path))
     with pytest.raises(DataConfigError, match="does not exist"):
         load_records(str(tmp_path / "missing.jsonl"))

@@ -248,7 +248,7 @@ def test_bf16_rollout_in_one_autocast_region_gives_the_same_rollout(tiny_model_p
     the same tokens and log-probs as the per-forward autocast of the prepared model."""
     trainer = RLTrainer(make_config(tiny_model_path, tmp_path, bf16=True))
     torch.manual_seed(0)
-    one_region = trainer.rollout()
+    one_region = trainer.rollout(*trainer.next_prompts())
     trainer.prompts_consumed = 0
     torch.manual_seed(0)
     prompts, extras = trainer.next_prompts()

@@ -318,7 +318,7 @@ def test_stack_from_spec_string_and_columns():
     assert out.components["accuracy"].tolist() == [1.0, 0.0]
     assert out.components["format"].tolist() == [1.0, 0.0]
     assert out.total.tolist() == [1.5, 0.0]
-    assert seen == {"completion_ids": [[1, 2], [3]], "extra": {"level": [1, 2]}}
+    assert seen == {"completion_ids": [[1, 2], [3]], "extra": {"level": [1, 2], "trainer_state": None}}
 
 
 def test_stack_module_spec_names(tmp_path):
