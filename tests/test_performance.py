@@ -17,7 +17,7 @@ from algos.logprobs import entropy_from_logits, logprobs_from_logits
 from algos.models import load_causal_lm, load_tokenizer
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.rollout.sampler import sample_dropping_finished
-from algos.trainer import RLTrainer, length_buckets, position_ids_from_mask, trim_padding
+from algos.trainer import RLTrainer, UpdateInputs, length_buckets, position_ids_from_mask, trim_padding
 
 REWARDS = str(Path(__file__).parent / "rewards_for_tests.py")
 QUESTIONS = ("What is 2 + 3?", "Name a colour, briefly please.")
@@ -232,7 +232,8 @@ def test_length_bucketed_update_equals_one_pass(tiny_model_path, tmp_path):
             return step(*a, **kw)
 
         trainer.optimizer.step = recording_step
-        stats = trainer.update(batch, advantages, None, None, None, None)
+        inputs = UpdateInputs(advantages, batch.response_mask.float(), None, None, None, None)
+        stats = trainer.update(batch, inputs)
         results.append((stats, grads))
     (bucketed, w1), (single, w2) = results
     for key in single:
