@@ -131,6 +131,10 @@ class RLConfig:
     # --- batch sizes ---------------------------------------------------------------------------
     per_device_train_batch_size: int = _f(8, "Completions per forward/backward micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_tokens_per_micro_batch: int = _f(0, "Cap each forward/backward pass at this many padded tokens "
+                                         "(rows x longest row; long completions then run in smaller "
+                                         "pieces, the gradient unchanged). 0: no cap. Ignored under "
+                                         "DeepSpeed, which expects one backward per micro-batch.")
     steps_per_generation: int = _f(1, "Optimizer steps per rollout batch and iteration. A rollout batch "
                                    "holds per_device_train_batch_size x gradient_accumulation_steps x "
                                    "steps_per_generation completions per process.")
@@ -278,6 +282,8 @@ class RLConfig:
                 "clips whole sequences: set it to 0")
         if self.dynamic_sampling and self.num_generations < 2:
             bad("dynamic_sampling", "compares the completions of a prompt: use num_generations >= 2")
+        if self.max_tokens_per_micro_batch < 0:
+            bad("max_tokens_per_micro_batch", "must be >= 0 (0: no cap)")
         if self.dynamic_sampling_max_rounds < 1:
             bad("dynamic_sampling_max_rounds", "must be >= 1")
         if self.overlong_buffer_length < 0 or self.overlong_buffer_length > self.max_completion_length:

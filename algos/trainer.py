@@ -37,6 +37,7 @@ from algos.importance import engine_is_weights
 from algos.kl import kl_estimate
 from algos.logprobs import entropy_from_logits, logprobs_from_logits
 from algos.losses import aggregate, aggregation_denominator, policy_loss, value_loss
+from algos.micro_batching import token_budget_batches
 from algos.models import load_causal_lm, load_tokenizer, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.tracking import RunTracker
@@ -681,12 +682,18 @@ class RLTrainer:
         return out
 
     def _micro_step_by_length(self, batch: RolloutBatch, rows, inputs, denominator) -> dict:
-        """One micro-batch as buckets of rows of similar length (``length_buckets``), each bucket
-        trimmed of its padding and run forward/backward on its own. Each bucket's loss is already
+        """One micro-batch as buckets of rows of similar length (``length_buckets``, then split to
+        --max_tokens_per_micro_batch padded tokens), each bucket trimmed of its padding and run
+        forward/backward on its own. Each bucket's loss is already
         its share of the mini-batch (global denominator), so the summed gradient is the
         micro-batch's; loss stats add up, the others are weighted by the bucket's tokens."""
-        acc = self.accelerator
-        buckets = length_buckets(rows, batch.attention_mask[rows].sum(dim=1).tolist(), self.bucket_min_fill)
+        acc, budget = self.accelerator, self.config.max_tokens_per_micro_batch
+        lengths = batch.attention_mask[rows].sum(dim=1).tolist()
+        buckets = length_buckets(rows, lengths, self.bucket_min_fill)
+        if budget and self.bucket_min_fill:  # a token budget: no padded pass above it (not under DeepSpeed)
+            by_row = dict(zip(rows, lengths))
+            buckets = [part for bucket in buckets
+                       for part in token_budget_batches(bucket, [by_row[r] for r in bucket], budget)]
         if len(buckets) == 1:
             return self._micro_step(batch.select(rows), rows, inputs, denominator)
         tokens = max(float(batch.response_mask[rows].sum()), 1.0)

@@ -212,11 +212,12 @@ def test_length_buckets():
 
 
 def test_length_bucketed_update_equals_one_pass(tiny_model_path, tmp_path):
-    """An update over rows of very different lengths, as length buckets and as one padded pass:
-    the same stats and the same gradients at the optimizer step."""
+    """An update over rows of very different lengths, as length buckets, as buckets under a token
+    budget and as one padded pass: the same stats and the same gradients at the optimizer step."""
     results = []
-    for min_fill in (0.9, 0.0):
-        trainer = RLTrainer(make_config(tiny_model_path, tmp_path / str(min_fill), temperature=0.7))
+    for min_fill, budget in ((0.9, 0), (0.0, 0), (0.9, 40)):
+        trainer = RLTrainer(make_config(tiny_model_path, tmp_path / f"{min_fill}-{budget}", temperature=0.7,
+                                        max_tokens_per_micro_batch=budget))
         trainer.bucket_min_fill = min_fill
         tok = trainer.tokenizer
         batch = rollout(tok, trainer.policy, [build_prompt(tok, q) for q in QUESTIONS], True, n=4)
@@ -235,12 +236,13 @@ def test_length_bucketed_update_equals_one_pass(tiny_model_path, tmp_path):
         inputs = UpdateInputs(advantages, batch.response_mask.float(), None, None, None, None)
         stats = trainer.update(batch, inputs)
         results.append((stats, grads))
-    (bucketed, w1), (single, w2) = results
-    for key in single:
-        assert bucketed[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
-    assert len(w1) == len(w2) > 0
-    for a, b in zip(w1, w2):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    (single, w2) = results[1]
+    for bucketed, w1 in (results[0], results[2]):  # length buckets; buckets cut to <= 40 padded tokens
+        for key in single:
+            assert bucketed[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+        assert len(w1) == len(w2) > 0
+        for a, b in zip(w1, w2):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
 
 
 def test_bf16_rollout_in_one_autocast_region_gives_the_same_rollout(tiny_model_path, tmp_path,
