@@ -115,13 +115,7 @@ def vanilla_policy_loss(logp, old_logp, advantages, mask, *, epsilon_low=0.2, ep
     epsilon_high = _check_clip(epsilon_low, epsilon_high, dual_clip)
     log_ratio = torch.clamp(logp - old_logp, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    pg = torch.maximum(unclipped, clipped)
-    stats = {
-        "clipfrac": masked_mean((clipped > unclipped).to(pg.dtype), mask).detach(),
-        "approx_kl": masked_mean(old_logp - logp, mask).detach(),
-    }
+    pg, stats = _clipped_surrogate(ratio, logp, old_logp, advantages, mask, epsilon_low, epsilon_high)
     if dual_clip is not None:
         bound = -advantages * dual_clip
         negative = advantages < 0
@@ -149,6 +143,12 @@ def gspo_policy_loss(logp, old_logp, advantages, mask, *, epsilon_low=0.2, epsil
     seq_log_ratio = _safe_div(((logp - old_logp) * m).sum(dim=-1), m.sum(dim=-1))
     seq_log_ratio = torch.clamp(seq_log_ratio, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
     ratio = torch.exp(seq_log_ratio.detach()[:, None] + logp - logp.detach())
+    pg, stats = _clipped_surrogate(ratio, logp, old_logp, advantages, mask, epsilon_low, epsilon_high)
+    return pg, stats
+
+
+def _clipped_surrogate(ratio, logp, old_logp, advantages, mask, epsilon_low, epsilon_high):
+    """pg = max(-A*r, -A*clip(r, 1-eps_low, 1+eps_high)) per token, with the clipfrac and approx_kl stats."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     pg = torch.maximum(unclipped, clipped)

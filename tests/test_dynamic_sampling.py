@@ -110,16 +110,6 @@ def test_mask_truncated_completions(tiny_model_path, tmp_path):
         assert m["loss/policy"] == 0.0 and m["grad_norm"] == 0.0
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; a test with another mixed precision resets it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_bf16_reference_matches_the_policy_at_step_0(tiny_model_path, tmp_path, fresh_accelerate_state):
     """Under --bf16 the reference runs in the policy's precision: at identical weights the KL is 0
     (in fp32 the reference left a 0.03 nat/token gap against the autocast policy)."""

@@ -173,16 +173,6 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_path, tmp_path):
         assert ckpt[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; a test with another mixed precision resets it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_bf16_step_runs_on_cpu(tiny_model_path, tmp_path, fresh_accelerate_state):
     trainer, metrics = one_step(tiny_model_path, tmp_path, bf16=True)
     assert math.isfinite(metrics["loss/policy"]) and metrics["grad_norm"] > 0
