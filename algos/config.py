@@ -37,7 +37,8 @@ class RLConfig:
     run_name: str = _f("", "Run name for W&B / TensorBoard (default: the output_dir name).")
     seed: int = _f(42, "Random seed (data order, sampling, initialisation).")
     # --- data ----------------------------------------------------------------------------------
-    dataset: str = _f("arithmetic", "'arithmetic' (seeded synthetic task), 'gsm8k' (shipped train "
+    dataset: str = _f("arithmetic", "'arithmetic' (seeded synthetic task), 'thinking' (multi-step problems with "
+                      "reasoning traces, for thinking models), 'gsm8k' (shipped train "
                       "split), an HF hub dataset name, or a local .jsonl/.json/.parquet file; TRL's prompt "
                       "column (messages or text) and verl's parquet layout load as they are.")
     dataset_split: str = _f("train", "Split of an HF hub dataset to train on.")

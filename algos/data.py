@@ -16,7 +16,9 @@ from pathlib import Path
 from algos.data_formats import (DEFAULT_PROMPT_TEMPLATE, DataConfigError, dataset_prompt, find_answer_column,
                                 gsm8k_final_answer, prompt_column, render_prompt, to_record)
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DataConfigError", "ArithmeticTask", "gsm8k_final_answer", "load_gsm8k",
+SYNTHETIC_TASKS = ("arithmetic", "thinking")  # generated here, with a held-out split of the problem space
+
+__all__ = ["SYNTHETIC_TASKS", "DEFAULT_PROMPT_TEMPLATE", "DataConfigError", "ArithmeticTask", "gsm8k_final_answer", "load_gsm8k",
            "load_hf_dataset", "load_records", "build_prompt", "in_test_part"]
 
 SHIPPED_DIR = Path(__file__).parent / "datasets"
@@ -129,9 +131,13 @@ def load_hf_dataset(name_or_path: str, split: str = "train", question_column: st
 def load_records(dataset: str, split: str = "train", n: int | None = None, seed: int = 0,
                  question_column: str = "question", answer_column: str = "answer",
                  arithmetic: ArithmeticTask | None = None, require_answer: bool = True) -> list[dict]:
-    """Records for ``dataset``: 'arithmetic', 'gsm8k', a hub name or a local file."""
+    """Records for ``dataset``: 'arithmetic', 'thinking' (multi-step problems with reasoning traces,
+    :mod:`algos.thinking_task`), 'gsm8k', a hub name or a local file."""
     if dataset == "arithmetic":
         return (arithmetic or ArithmeticTask()).generate(n or 10_000, seed=seed, split=split)
+    if dataset == "thinking":
+        from algos.thinking_task import ThinkingTask
+        return ThinkingTask().generate(n or 10_000, seed=seed, split=split)
     if dataset == "gsm8k":
         if split != "train":
             raise DataConfigError("the shipped gsm8k copy has only the 'train' split; "

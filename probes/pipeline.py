@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from algos.data import ArithmeticTask, DataConfigError, load_records
+from algos.data import SYNTHETIC_TASKS, ArithmeticTask, DataConfigError, load_records
 from algos.device import dtype_name, resolve_device_dtype
 from algos.models import load_causal_lm, load_tokenizer, model_identity
 from probes.collect import (LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
@@ -122,9 +122,9 @@ def validate(cfg: LynxJobConfig) -> None:
 
 def load_problems(cfg: LynxJobConfig) -> tuple[list[dict], list[dict]]:
     """(training pool, held-out problems), disjoint; the pool without repeated questions."""
-    if cfg.dataset == "arithmetic":
+    if cfg.dataset in SYNTHETIC_TASKS:
         task = ArithmeticTask(cfg.arithmetic_digits, cfg.arithmetic_operands, cfg.arithmetic_operators)
-        drawn = load_records("arithmetic", "train", 4 * cfg.num_problems, cfg.seed, arithmetic=task)
+        drawn = load_records(cfg.dataset, "train", 4 * cfg.num_problems, cfg.seed, arithmetic=task)
         seen, pool = set(), []
         for r in drawn:  # the train split draws with repeats; keep problems distinct
             if r["question"] not in seen:
@@ -132,9 +132,10 @@ def load_problems(cfg: LynxJobConfig) -> tuple[list[dict], list[dict]]:
                 pool.append(r)
         pool = pool[:cfg.num_problems]
         if len(pool) < cfg.num_problems:
-            raise LynxJobError(f"the arithmetic task {task} has only {len(pool)} distinct train problems; "
+            raise LynxJobError(f"the {cfg.dataset} task has only {len(pool)} distinct train problems; "
                                "lower --num_problems or use more digits/operands")
-        held = load_records("arithmetic", "test", cfg.num_eval_problems, cfg.seed, arithmetic=task) if cfg.num_eval_problems else []
+        held = (load_records(cfg.dataset, "test", cfg.num_eval_problems, cfg.seed, arithmetic=task)
+                if cfg.num_eval_problems else [])
         return pool, held
     records = load_records(cfg.dataset, "train", None, cfg.seed, cfg.question_column, cfg.answer_column)
     if len(records) < cfg.num_problems + cfg.num_eval_problems:

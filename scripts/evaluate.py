@@ -74,7 +74,7 @@ def parse_args(argv):
     a("--model", default=None, help="deploy bundle dir (scripts/export.py), model path or hub id; unset: default model")
     a("--probe", default=None, help="LYNX probe dir (overrides the bundle's)")
     a("--router", default=None, help="Dr.LLM router dir (overrides the bundle's)")
-    a("--dataset", required=True, help="'arithmetic', 'gsm8k' (shipped train split), hub name or .jsonl/.parquet")
+    a("--dataset", required=True, help="'arithmetic', 'thinking', 'gsm8k' (shipped train split), hub name or .jsonl/.parquet")
     a("--split", default="test", help="dataset split")
     a("--question_column", default="question", help="question column of a hub/local dataset")
     a("--answer_column", default="answer", help="gold answer column of a hub/local dataset")

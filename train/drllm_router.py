@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--model_name_or_path", default=None, help="HF hub id or local path; default: the embedded SmolLM2-135M-Instruct")
     a("--output_dir", default="runs/drllm", help="traces.jsonl, router/ and summary.json go here")
-    a("--dataset", default="arithmetic", help="'arithmetic', 'gsm8k', an HF hub name or a local .jsonl/.json/.parquet")
+    a("--dataset", default="arithmetic", help="'arithmetic', 'thinking' (multi-step problems for thinking models), "
+                                              "'gsm8k', an HF hub name or a local .jsonl/.json/.parquet")
     a("--question_column", default="question", help="question column of an HF/local dataset")
     a("--answer_column", default="answer", help="answer column of an HF/local dataset")
     a("--arithmetic_digits", type=int, default=2, help="digits per operand of the arithmetic task")
@@ -116,12 +117,12 @@ def path_eval_tokens(requested: int | None, thinking: bool) -> int:
 
 def load_splits(args) -> tuple[list[dict], list[dict]]:
     """(search records, held-out records), disjoint by construction."""
-    from algos.data import ArithmeticTask, DataConfigError, load_records
+    from algos.data import SYNTHETIC_TASKS, ArithmeticTask, DataConfigError, load_records
 
-    if args.dataset == "arithmetic":
+    if args.dataset in SYNTHETIC_TASKS:
         task = ArithmeticTask(args.arithmetic_digits, args.arithmetic_operands, args.arithmetic_operators)
-        search = load_records("arithmetic", "train", args.num_search_examples, args.seed, arithmetic=task)
-        held = (load_records("arithmetic", "test", args.num_eval_samples, args.seed, arithmetic=task)
+        search = load_records(args.dataset, "train", args.num_search_examples, args.seed, arithmetic=task)
+        held = (load_records(args.dataset, "test", args.num_eval_samples, args.seed, arithmetic=task)
                 if args.num_eval_samples else [])
         return search, held
     records = load_records(args.dataset, question_column=args.question_column, answer_column=args.answer_column)

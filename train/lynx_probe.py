@@ -49,7 +49,7 @@ def parse_args(argv=None):
       help="HF hub id or local path; default: the embedded SmolLM2-135M-Instruct")
     a("--output_dir", default=d.output_dir, help="the probe export (replaced atomically) and summary.json")
     a("--data_dir", default=d.data_dir, help="collected events (resumable); default: <output_dir>-events")
-    a("--dataset", default=d.dataset, help="'gsm8k' (shipped train split), 'arithmetic', an HF hub name or a local "
+    a("--dataset", default=d.dataset, help="'gsm8k' (shipped train split), 'arithmetic', 'thinking', an HF hub name or a local "
                                            ".jsonl/.json/.parquet")
     a("--question_column", default=d.question_column, help="question column of an HF/local dataset")
     a("--answer_column", default=d.answer_column, help="answer column of an HF/local dataset")

@@ -1,0 +1,175 @@
+"""Supervised fine-tuning (TRL ``SFTTrainer``), and the thinking default model built with it.
+
+``run_sft`` fine-tunes a causal LM on prompt-completion pairs: the seeded thinking traces of
+:mod:`algos.thinking_task` (``dataset="thinking"``), or any dataset in TRL's prompt-completion or
+conversational layout. Prompts are rendered exactly as the RL trainer renders them
+(:func:`algos.data.build_prompt`), so the model is fine-tuned on the inputs it will see; the loss
+covers completion tokens only (TRL's ``completion_only_loss``) and EOS closes every completion.
+
+With ``add_think_tokens`` the tokenizer gains ``<think>`` and ``</think>`` as single, non-special
+tokens (as Qwen3 and DeepSeek-R1 have them: they survive decoding) and the embedding grows by two
+rows initialised at the mean embedding (transformers' ``mean_resizing``).
+
+The thinking default, ``smollm2-135m-thinking``, is the embedded default fine-tuned with
+:data:`THINKING_RECIPE`; :func:`thinking_model_path` builds it once (a few minutes on a laptop CPU,
+with a progress bar) and caches it next to the converted default.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from algos.thinking_task import THINK_END, THINK_START, ThinkingTask, TraceStyle
+
+from algos.models import THINKING_MODEL  # noqa: E402  (the name jobs accept)
+RECIPE_VERSION = "v1"  # bump when THINKING_RECIPE or the trace generator changes: the cache rebuilds
+
+
+@dataclass
+class SFTJobConfig:
+    """One SFT run; train/sft.py exposes every field as a flag."""
+
+    model_name_or_path: str | None = None   # None: the embedded default
+    output_dir: str = "runs/sft"
+    dataset: str = "thinking"                # 'thinking' or a TRL-layout file / hub dataset
+    num_train_samples: int = 640
+    num_train_epochs: float = 1.0
+    learning_rate: float = 1e-4
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05              # a fraction of the steps (transformers warmup_steps < 1)
+    max_length: int = 512
+    seed: int = 0
+    add_think_tokens: bool = True
+    bf16: bool | None = None                 # None: bf16 autocast where the device supports it
+    task: ThinkingTask = field(default_factory=ThinkingTask)
+    report_to: str = "none"
+    progress: bool = True
+
+
+THINKING_RECIPE = SFTJobConfig()
+
+
+def thinking_records(config: SFTJobConfig) -> list[dict]:
+    """Prompt-completion rows of the thinking task's train split."""
+    return config.task.generate(config.num_train_samples, seed=config.seed, split="train")
+
+
+def _prompt_completion_dataset(config: SFTJobConfig, tokenizer):
+    import datasets
+
+    from algos.data import build_prompt
+
+    if config.dataset != "thinking":
+        from algos.data import DataConfigError
+        path = Path(config.dataset)
+        try:
+            if path.suffix in (".jsonl", ".json", ".parquet"):
+                kind = "parquet" if path.suffix == ".parquet" else "json"
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            else:
+                ds = datasets.load_dataset(config.dataset, split="train")
+        except Exception as exc:  # datasets raises many types; keep one line for the user
+            raise DataConfigError(f"cannot load SFT dataset '{config.dataset}': {str(exc).splitlines()[0]}") from exc
+        if not ({"prompt", "completion"} <= set(ds.column_names) or "messages" in ds.column_names
+                or "text" in ds.column_names):
+            raise DataConfigError(f"SFT dataset '{config.dataset}' needs 'prompt' and 'completion', 'messages' or "
+                                  f"'text' columns (TRL's layouts); it has {', '.join(ds.column_names)}")
+        return ds.select(range(min(config.num_train_samples, len(ds)))) if config.num_train_samples else ds
+    rows = [{"prompt": build_prompt(tokenizer, r["question"]), "completion": r["completion"]}
+            for r in thinking_records(config)]
+    return datasets.Dataset.from_list(rows)
+
+
+def add_think_tokens(model, tokenizer) -> int:
+    """Give ``tokenizer`` single ``<think>``/``</think>`` tokens (non-special) and ``model`` their
+    embedding rows (mean-initialised). Returns how many tokens were added."""
+    from transformers import AddedToken
+
+    added = tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
+    if added:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return added
+
+
+def run_sft(config: SFTJobConfig) -> Path:
+    """Fine-tune and save the model and tokenizer to ``config.output_dir`` (atomically: a temporary
+    directory renamed at the end). Returns the output path."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from algos.models import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
+    model = load_causal_lm(config.model_name_or_path, dtype=torch.float32)
+    if config.add_think_tokens:
+        add_think_tokens(model, tokenizer)
+    dataset = _prompt_completion_dataset(config, tokenizer)
+    bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
+    target = Path(config.output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
+    try:
+        args = SFTConfig(
+            output_dir=str(work / "trainer"), num_train_epochs=config.num_train_epochs,
+            learning_rate=config.learning_rate, per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, warmup_steps=config.warmup_ratio,
+            lr_scheduler_type="cosine", max_length=config.max_length, seed=config.seed, bf16=bf16,
+            use_cpu=not torch.cuda.is_available(), completion_only_loss=True, packing=False,
+            gradient_checkpointing=False,  # TRL's default is on; a 135M model fits, and it costs a third more compute
+            train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
+            save_strategy="no", logging_steps=5, report_to=config.report_to, disable_tqdm=not config.progress,
+            dataloader_num_workers=0)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        model = trainer.model
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.padding_side = "left"
+        final = work / "final"
+        model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        (final / "sft_recipe.json").write_text(_recipe_json(config))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(final, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU autocast runs bf16 on every torch 2.x CPU build
+
+
+def _recipe_json(config: SFTJobConfig) -> str:
+    import json
+
+    data = asdict(config)
+    data["task"]["style"] = asdict(config.task.style)
+    return json.dumps(data, indent=2, default=str)
+
+
+def thinking_model_path() -> Path:
+    """The thinking default, built with :data:`THINKING_RECIPE` on first use and cached."""
+    from algos.models import cache_dir
+
+    target = cache_dir() / f"{THINKING_MODEL}-{RECIPE_VERSION}"
+    if not (target / "config.json").exists():
+        print(f"[repro-rl] building the thinking default model {THINKING_MODEL} (one time: SFT of the embedded "
+              f"default on {THINKING_RECIPE.num_train_samples} seeded thinking traces, a few minutes on CPU) "
+              f"-> {target}", flush=True)
+        recipe = SFTJobConfig(**{**THINKING_RECIPE.__dict__, "output_dir": str(target)})
+        run_sft(recipe)
+    return target
+
+
+__all__ = ["SFTJobConfig", "THINKING_MODEL", "THINKING_RECIPE", "TraceStyle", "add_think_tokens", "run_sft",
+           "thinking_model_path", "thinking_records"]
