@@ -15,7 +15,9 @@ is its own module's decoder; this class only composes them:
   ``confidence`` c = 1 - delta); with ``branching`` too, every EAGER sequence carries its own LYNX
   exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop;
 * ``branching``: :func:`algos.rollout.eager.eager_generate` (EAGER-init: branch where the top-K entropy
-  exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt);
+  exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt; a sequence stops
+  branching after ``</think>``, spelled as the tokenizer encodes it:
+  :func:`algos.rollout.eager_engine.end_think_ids`);
 * everything off: the model's own ``generate`` with the same sampling settings, so for the same
   seed the output is exactly HF's. Every part uses only the settings passed here: extra processors
   in a checkpoint's ``generation_config`` (repetition penalty, ...) are not applied.
@@ -104,6 +106,7 @@ class EfficientDecoder:
 
     def __init__(self, model, tokenizer, probe=None, router=None, manifest: dict | None = None,
                  router_p: float | None = None):
+        from algos.rollout.eager_engine import end_think_ids
         from routers.router import PURE_ROUTER_P
 
         self.model = model.eval()
@@ -118,6 +121,7 @@ class EfficientDecoder:
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
+        self.end_think = end_think_ids(tokenizer)  # EAGER branches only inside the thinking region
 
     def fingerprints(self) -> dict:
         """Short sha256 of the model (a few weights), the probe and the router: what results depend on."""
@@ -309,7 +313,7 @@ class EfficientDecoder:
                                    answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close,
                                    num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size),
                                    device=ids.device)
-        raw = eager_generate(model, ids, mask, params, self.eos_ids, exits=exits)
+        raw = eager_generate(model, ids, mask, params, self.eos_ids, end_think_ids=self.end_think, exits=exits)
         order = sorted(range(len(raw)), key=lambda i: (raw[i].prompt_index, i))
         position = {old: new for new, old in enumerate(order)}
         seqs = []
