@@ -124,15 +124,17 @@ class EfficientDecoder:
         self.end_think = end_think_ids(tokenizer)  # EAGER branches only inside the thinking region
 
     def fingerprints(self) -> dict:
-        """Short sha256 of the model (a few weights), the probe and the router: what results depend on."""
-        from routers.export import model_fingerprint, tensor_digest
+        """Short sha256 of the model (:func:`algos.fingerprint.weight_fingerprint`), the probe and the
+        router: what results depend on."""
+        from algos.fingerprint import weight_fingerprint
+        from routers.export import tensor_digest
 
         probe = None
         if self.probe is not None:
             cal = self.probe.calibration
             probe = tensor_digest(list(self.probe.probe.state_dict().values())
                                   + [torch.as_tensor(cal.safe_scores), torch.as_tensor(cal.continue_scores)])
-        return {"model": model_fingerprint(self.model), "probe": probe,
+        return {"model": weight_fingerprint(self.model), "probe": probe,
                 "router": tensor_digest(self.router.state_dict().values()) if self.router is not None else None,
                 "router_p": self.router_p if self.router is not None else None}
 
@@ -142,7 +144,9 @@ class EfficientDecoder:
                         verify: bool = True) -> "EfficientDecoder":
         """Load a bundle (``scripts/export.py``; its files are checked against the manifest's hashes
         unless ``verify=False``) or a plain model (hub id, local path, None = embedded default)
-        with an optional probe / router directory. Parts for another model are refused.
+        with an optional probe / router directory. Parts for another model are refused (structure and
+        :func:`algos.fingerprint.weight_fingerprint`; a bundle's own parts were checked at export and
+        are covered by its file hashes). A kept LoRA adapter is merged in float32 on the CPU, then cast.
         ``device`` / ``dtype``: 'auto' is CUDA with bfloat16 where available, else CPU with float32
         (:mod:`algos.device`); the probe and the router move to the model's device."""
         from algos.device import resolve_device_dtype
@@ -152,28 +156,32 @@ class EfficientDecoder:
         from routers.export import META_FILE as ROUTER_META
         from routers.export import load_router
 
-        manifest = None
+        manifest, own = None, set()
         if path is not None and is_bundle(path):
             manifest = verify_bundle(path) if verify else json.loads((Path(path) / MANIFEST).read_text())
             parts = manifest["parts"]
+            own = {k for k, given in (("probe", probe), ("router", router)) if parts.get(k) and not given}
             probe = probe or (str(Path(path) / parts["probe"]) if parts.get("probe") else None)
             router = router or (str(Path(path) / parts["router"]) if parts.get("router") else None)
             path = str(Path(path) / parts["model"])
         device, dtype = resolve_device_dtype(device, dtype)
-        model = load_causal_lm(path, dtype=dtype).to(device)
+        adapter = manifest["parts"].get("adapter") if manifest is not None else None
+        model = load_causal_lm(path, dtype=torch.float32 if adapter else dtype)
         tokenizer = load_tokenizer(path)
-        if manifest is not None and manifest["parts"].get("adapter"):  # kept LoRA adapter: merged in memory
+        if adapter:  # kept LoRA adapter: merged in memory (fp32, CPU: the export checked the parts this way)
             from peft import PeftModel
 
-            adapter_dir = Path(path).parent / manifest["parts"]["adapter"]
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(Path(path).parent / adapter)).merge_and_unload().to(dtype)
+        model = model.to(device)
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
-        loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
+        loaded_probe = (load_probe(probe, model, check_name=manifest is None, check_weights="probe" not in own)
+                        if probe else None)
         if loaded_probe is not None:
             loaded_probe.probe.to(device)
         if router and not Path(router, ROUTER_META).is_file() and Path(router, "router", ROUTER_META).is_file():
             router = str(Path(router, "router"))  # a train/drllm_router.py output_dir holds the export in router/
-        loaded_router, router_meta = load_router(router, model, device=device) if router else (None, {})
+        loaded_router, router_meta = (load_router(router, model, device=device, check_weights="router" not in own)
+                                      if router else (None, {}))
         return cls(model, tokenizer, loaded_probe, loaded_router, manifest, router_meta.get("p_default"))
 
     # ------------------------------------------------------------------ generation

@@ -38,14 +38,14 @@ def batch(tok, texts=PROMPTS):
 
 def always_exit_probe(model, cues=("e",)) -> LynxProbe:
     """A probe that exits at every cue: p(safe) ~ 1, and thresholds every p clears."""
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
 
     probe = ExitProbe(2 * model.config.hidden_size, (8,))
     with torch.no_grad():
         probe.mlp[-1].bias.fill_(20.0)
     return LynxProbe(probe=probe.eval(), calibration=ConformalCalibration([0.5] * 20, [0.1] * 20), layers=(1, 2),
                      cue_config=CueConfig(cues, word_boundary=False, region_end=()), exit_string=" Final: \\boxed{",
-                     base_model=model_identity(model), answer_max_tokens=5)
+                     base_model=base_identity(model), answer_max_tokens=5)
 
 
 def hf_generate(model, tok, seed, **sampling):

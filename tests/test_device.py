@@ -80,7 +80,7 @@ def test_probe_scores_features_of_any_dtype_and_device():
 
 
 def _bundle_parts(model):
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
     from probes.conformal import ConformalCalibration
     from probes.cues import CueConfig
     from probes.export import LynxProbe
@@ -91,7 +91,7 @@ def _bundle_parts(model):
         probe.mlp[-1].bias.fill_(20.0)  # exits at every cue
     return LynxProbe(probe=probe.eval(), calibration=ConformalCalibration([0.5] * 20, [0.1] * 20), layers=(1, 2),
                      cue_config=CueConfig(("e",), word_boundary=False, region_end=()), exit_string=" Final: \\boxed{",
-                     base_model=model_identity(model), answer_max_tokens=5)
+                     base_model=base_identity(model), answer_max_tokens=5)
 
 
 def _export_parts(tiny_model_path, out: Path):
