@@ -13,7 +13,10 @@ is its own module's decoder; this class only composes them:
   below run on it unchanged;
 * ``early_exit``: :func:`probes.early_exit.lynx_generate` (probe + split-conformal rule at
   ``confidence`` c = 1 - delta); with ``branching`` too, every EAGER sequence carries its own LYNX
-  exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop;
+  exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop. The bound
+  P(exit | exiting is wrong) <= delta holds for features like the calibration's: with routing on,
+  or a dtype other than the one the probe records (``calibrated_with``), the decoder warns once
+  (``scripts/lynx_feature_shift.py`` measures the rate in that setting);
 * ``branching``: :func:`algos.rollout.eager.eager_generate` (EAGER-init: branch where the top-K entropy
   exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt; a sequence stops
   branching after ``</think>``, spelled as the tokenizer encodes it:
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +126,7 @@ class EfficientDecoder:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
         self.end_think = end_think_ids(tokenizer)  # EAGER branches only inside the thinking region
+        self._warned: set[str] = set()
 
     def fingerprints(self) -> dict:
         """Short sha256 of the model (:func:`algos.fingerprint.weight_fingerprint`), the probe and the
@@ -232,6 +237,8 @@ class EfficientDecoder:
             raise DecoderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise DecoderError(f"temperature must be > 0 when sampling, got {temperature}")
+        if early_exit:
+            self._warn_if_features_shift(routing)
         settings = {**options, "seed": seed}
         if seed is not None:
             torch.manual_seed(seed)
@@ -262,6 +269,24 @@ class EfficientDecoder:
             for s in seqs:
                 s.layers_executed = per_prompt[s.prompt_index]
         return DecodeOutput(seqs, len(prompts), time.perf_counter() - start, settings)
+
+    def _warn_if_features_shift(self, routing: bool) -> None:
+        """Warn once (one line) when LYNX's features differ from those its probe was calibrated on."""
+        from algos.device import dtype_name
+
+        calibrated = self.probe.calibrated_with  # {} for probes that do not record it
+        dtype = dtype_name(next(self.model.parameters()).dtype)
+        shifts = []
+        if calibrated.get("dtype") and calibrated["dtype"] != dtype:
+            shifts.append(f"the model runs in {dtype} but the probe was calibrated in {calibrated['dtype']}")
+        if routing and not calibrated.get("routing"):
+            shifts.append("Dr.LLM routing is on but the probe was calibrated without it")
+        message = "; ".join(shifts)
+        if message and message not in self._warned:
+            self._warned.add(message)
+            command = f"scripts/lynx_feature_shift.py --dtype {dtype}" + (" --router ..." if routing else "")
+            warnings.warn(f"LYNX early exit: {message}, so premature exits may exceed delta = 1 - confidence; "
+                          f"measure them with {command}", stacklevel=4)  # past torch.no_grad: the caller
 
     # ------------------------------------------------------------------ the parts
     def _sequence(self, prompt_index: int, response: list[int], **extra) -> DecodedSequence:

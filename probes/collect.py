@@ -327,6 +327,14 @@ class EventShards:
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return EventSet(**cat)
 
+    def responses(self) -> dict[int, list[int]]:
+        """Each rollout's response token ids (what its events index), by problem index."""
+        out = {}
+        for shard in self._shards():
+            for p, row, n in zip(shard["rollout_problem"].tolist(), shard["responses"], shard["response_len"].tolist()):
+                out[p] = row[:n].tolist()
+        return out
+
     def rollouts(self) -> dict:
         """Per rollout: problem index, response length, number of cue events (before the cap)."""
         cols = {"problem": [], "response_len": [], "num_cues": []}

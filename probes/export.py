@@ -4,8 +4,9 @@ The safetensors file holds the MLP and its standardisation buffers; the JSON hol
 needed to decode with it: the base model's identity (:func:`algos.fingerprint.base_identity`: name,
 model type, layer count, hidden size, vocabulary size and the weight fingerprint), the hidden-state
 layers used (HF ``hidden_states`` indices, 0 = embeddings), the cue settings, the exit string, the
-answer budget, the conformal calibration scores (so the confidence is picked at decode time) and
-the training metrics. No pickles. Writing goes to a temporary directory that is renamed into place.
+answer budget, the conformal calibration scores (so the confidence is picked at decode time), the
+setting the calibration features came from (``calibrated_with``: dtype, routing) and the training
+metrics. No pickles. Writing goes to a temporary directory that is renamed into place.
 
 Loading with ``model=`` checks the identity: a different architecture (type, layers, hidden size,
 vocabulary) always fails; other weights fail by the fingerprint (an fp32 and a bf16 copy of one
@@ -32,7 +33,7 @@ from probes.cues import CueConfig
 from probes.probe import ExitProbe
 
 FORMAT = "repro-rl/lynx-probe"
-VERSION = 2  # 2: base_model has weights_fingerprint
+VERSION = 2  # 2: base_model has weights_fingerprint; calibrated_with
 WEIGHTS_FILE = "probe.safetensors"
 CONFIG_FILE = "lynx_probe.json"
 _STRUCTURE = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
@@ -55,6 +56,7 @@ class LynxProbe:
     answer_max_tokens: int = 64
     default_confidence: float | None = None
     metrics: dict = field(default_factory=dict)
+    calibrated_with: dict = field(default_factory=dict)  # {"dtype": "float32", "routing": False}; {} = unknown
 
     def rule(self, confidence: float | None = None) -> ExitRule:
         """Exit rule at confidence c (default: the confidence chosen at export)."""
@@ -107,6 +109,7 @@ def save_probe(directory, bundle: LynxProbe) -> Path:
         "answer_max_tokens": bundle.answer_max_tokens,
         "default_confidence": bundle.default_confidence,
         "calibration": bundle.calibration.to_dict(),
+        "calibrated_with": bundle.calibrated_with,
         "metrics": bundle.metrics,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -162,6 +165,7 @@ def load_probe(directory, model=None, check_name: bool = True, check_weights: bo
         answer_max_tokens=int(meta.get("answer_max_tokens", 64)),
         default_confidence=meta.get("default_confidence"),
         metrics=meta.get("metrics", {}),
+        calibrated_with=meta.get("calibrated_with", {}),
     )
 
 

@@ -256,6 +256,7 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     bundle = LynxProbe(probe=probe, calibration=calibration, layers=collect_cfg.layers,
                        cue_config=collect_cfg.cue_config, exit_string=collect_cfg.exit_string, base_model=identity,
                        answer_max_tokens=cfg.answer_max_tokens, default_confidence=cfg.confidence,
+                       calibrated_with={"dtype": dtype_name(dtype), "routing": False},
                        metrics={"collection": collection, "training": train_metrics, "calibration": calib_metrics,
                                 "collect_settings": collect_cfg.to_dict(), "dataset": cfg.dataset})
     save_probe(out_dir, bundle)

@@ -215,6 +215,28 @@ def test_every_subset_from_a_bundle(tiny_model_path, model, tmp_path):
                     assert any(s.exited for s in out.sequences), (routing, branching, out.texts)
 
 
+def test_lynx_warns_once_when_its_features_shift(model, tok):
+    """Calibrated in float32 without routing: bf16 and routing each shift the features; one warning per shift."""
+    import copy
+    import warnings
+
+    probe = always_exit_probe(model)
+    probe.calibrated_with = {"dtype": "float32", "routing": False}
+    args = dict(early_exit=True, confidence=0.9, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the calibration's own setting: no warning
+        EfficientDecoder(model, tok, probe=probe).generate(PROMPTS, **args)
+    decoder = EfficientDecoder(copy.deepcopy(model).to(torch.bfloat16), tok, probe=probe,
+                               router=PathRouter(2, model.config.hidden_size))
+    with pytest.warns(UserWarning) as caught:
+        decoder.generate(PROMPTS, routing=True, **args)
+        decoder.generate(PROMPTS, routing=True, **args)  # the same shift again: no second warning
+    messages = [str(w.message) for w in caught if "LYNX" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "runs in bfloat16 but the probe was calibrated in float32" in messages[0]
+    assert "routing is on" in messages[0] and "lynx_feature_shift.py --dtype bfloat16 --router" in messages[0]
+
+
 def test_missing_parts_are_one_line_errors(model, tok):
     decoder = EfficientDecoder(model, tok)
     with pytest.raises(DecoderError, match="needs a LYNX probe"):

@@ -50,6 +50,7 @@ def test_bad_device_or_dtype_is_one_line():
     ("scripts/bench_decoder.py", []), ("scripts/bench_drllm.py", []), ("scripts/bench_eager.py", []),
     ("scripts/bench_lynx.py", []), ("scripts/bench_repro.py", []), ("scripts/bench_rl_step.py", []),
     ("scripts/bench_long_sequences.py", []), ("scripts/bench_eager_threshold.py", []),
+    ("scripts/lynx_feature_shift.py", ["--probe", "runs/lynx"]),
 ])
 def test_every_job_takes_device_and_dtype(script, argv):
     args = _load_script(script).parse_args(argv + ["--device", "cpu", "--dtype", "bfloat16"])

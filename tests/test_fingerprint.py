@@ -40,7 +40,7 @@ def save_probe_for(model, where):
     probe = ExitProbe(2 * model.config.hidden_size, (8,))
     bundle = LynxProbe(probe=probe.eval(), calibration=ConformalCalibration([0.5] * 10, [0.1] * 10), layers=(1, 2),
                        cue_config=cue_preset("words", True), exit_string=default_exit_string(True),
-                       base_model=base_identity(model))
+                       base_model=base_identity(model), calibrated_with={"dtype": "float32", "routing": False})
     return save_probe(where, bundle)
 
 
