@@ -6,13 +6,16 @@
       router/         the Dr.LLM export (optional)
       manifest.json   format, versions, base-model identity, sha256 of every file
 
-A probe or router trained for another model is refused with one line (the probe by its recorded
-model identity, the router by a fingerprint of the weights). The bundle is written to a temporary
-directory and renamed when complete; an existing directory is replaced only with ``overwrite``.
+A probe or router trained for another model is refused with one line before anything is written:
+both are checked against the policy (a LoRA policy merged, also when the adapter is kept, as the
+decoder merges it) by structure and by :func:`algos.fingerprint.weight_fingerprint`, which the
+manifest records too (``base_model``). The bundle is written to a temporary directory and renamed
+when complete; an existing directory is replaced only with ``overwrite``.
 ``deploy.decoder.EfficientDecoder.from_pretrained`` loads it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -62,8 +65,9 @@ def load_policy(path: str):
 
 def export_bundle(policy: str, out: str | os.PathLike, probe: str | None = None, router: str | None = None,
                   keep_adapter: bool = False, overwrite: bool = False) -> Path:
+    from algos.fingerprint import base_identity
     from probes.export import ProbeLoadError, load_probe
-    from routers.export import base_identity, load_router
+    from routers.export import load_router
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -71,12 +75,13 @@ def export_bundle(policy: str, out: str | os.PathLike, probe: str | None = None,
     model, tokenizer, adapter = load_policy(policy)
     if adapter is not None:
         model = adapter.merge_and_unload() if not keep_adapter else adapter
-    base = model.get_base_model() if keep_adapter and adapter is not None else model
+    # the weights the parts must fit: the policy, a kept adapter merged into a copy (as the decoder merges it)
+    policy_model = copy.deepcopy(adapter).merge_and_unload() if keep_adapter and adapter is not None else model
     try:  # check every part before writing anything
         if probe:
-            load_probe(probe, model=base)
+            load_probe(probe, model=policy_model)
         if router:
-            load_router(router, model=base)
+            load_router(router, model=policy_model)
     except (ProbeLoadError, ValueError) as exc:
         raise BundleError(str(exc).splitlines()[0]) from exc
 
@@ -97,7 +102,7 @@ def export_bundle(policy: str, out: str | os.PathLike, probe: str | None = None,
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "policy_source": str(policy), "base_model": base_identity(base),
+            "policy_source": str(policy), "base_model": base_identity(policy_model),
             "parts": {"model": "model", "probe": "probe" if probe else None, "router": "router" if router else None,
                       "adapter": "adapter" if keep_adapter and adapter is not None else None},
             "lora_merged": adapter is not None and not keep_adapter,

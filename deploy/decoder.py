@@ -13,9 +13,14 @@ is its own module's decoder; this class only composes them:
   below run on it unchanged;
 * ``early_exit``: :func:`probes.early_exit.lynx_generate` (probe + split-conformal rule at
   ``confidence`` c = 1 - delta); with ``branching`` too, every EAGER sequence carries its own LYNX
-  exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop;
+  exit state (:class:`probes.early_exit.ExitController`) through EAGER's loop. The bound
+  P(exit | exiting is wrong) <= delta holds for features like the calibration's: with routing on,
+  or a dtype other than the one the probe records (``calibrated_with``), the decoder warns once
+  (``scripts/lynx_feature_shift.py`` measures the rate in that setting);
 * ``branching``: :func:`algos.rollout.eager.eager_generate` (EAGER-init: branch where the top-K entropy
-  exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt);
+  exceeds ``branch_threshold``, at most ``max_branches`` sequences per prompt; a sequence stops
+  branching after ``</think>``, spelled as the tokenizer encodes it:
+  :func:`algos.rollout.eager_engine.end_think_ids`);
 * everything off: the model's own ``generate`` with the same sampling settings, so for the same
   seed the output is exactly HF's. Every part uses only the settings passed here: extra processors
   in a checkpoint's ``generation_config`` (repetition penalty, ...) are not applied.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +110,7 @@ class EfficientDecoder:
 
     def __init__(self, model, tokenizer, probe=None, router=None, manifest: dict | None = None,
                  router_p: float | None = None):
+        from algos.rollout.eager_engine import end_think_ids
         from routers.router import PURE_ROUTER_P
 
         self.model = model.eval()
@@ -118,17 +125,21 @@ class EfficientDecoder:
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
+        self.end_think = end_think_ids(tokenizer)  # EAGER branches only inside the thinking region
+        self._warned: set[str] = set()
 
     def fingerprints(self) -> dict:
-        """Short sha256 of the model (a few weights), the probe and the router: what results depend on."""
-        from routers.export import model_fingerprint, tensor_digest
+        """Short sha256 of the model (:func:`algos.fingerprint.weight_fingerprint`), the probe and the
+        router: what results depend on."""
+        from algos.fingerprint import weight_fingerprint
+        from routers.export import tensor_digest
 
         probe = None
         if self.probe is not None:
             cal = self.probe.calibration
             probe = tensor_digest(list(self.probe.probe.state_dict().values())
                                   + [torch.as_tensor(cal.safe_scores), torch.as_tensor(cal.continue_scores)])
-        return {"model": model_fingerprint(self.model), "probe": probe,
+        return {"model": weight_fingerprint(self.model), "probe": probe,
                 "router": tensor_digest(self.router.state_dict().values()) if self.router is not None else None,
                 "router_p": self.router_p if self.router is not None else None}
 
@@ -138,7 +149,9 @@ class EfficientDecoder:
                         verify: bool = True) -> "EfficientDecoder":
         """Load a bundle (``scripts/export.py``; its files are checked against the manifest's hashes
         unless ``verify=False``) or a plain model (hub id, local path, None = embedded default)
-        with an optional probe / router directory. Parts for another model are refused.
+        with an optional probe / router directory. Parts for another model are refused (structure and
+        :func:`algos.fingerprint.weight_fingerprint`; a bundle's own parts were checked at export and
+        are covered by its file hashes). A kept LoRA adapter is merged in float32 on the CPU, then cast.
         ``device`` / ``dtype``: 'auto' is CUDA with bfloat16 where available, else CPU with float32
         (:mod:`algos.device`); the probe and the router move to the model's device."""
         from algos.device import resolve_device_dtype
@@ -148,28 +161,32 @@ class EfficientDecoder:
         from routers.export import META_FILE as ROUTER_META
         from routers.export import load_router
 
-        manifest = None
+        manifest, own = None, set()
         if path is not None and is_bundle(path):
             manifest = verify_bundle(path) if verify else json.loads((Path(path) / MANIFEST).read_text())
             parts = manifest["parts"]
+            own = {k for k, given in (("probe", probe), ("router", router)) if parts.get(k) and not given}
             probe = probe or (str(Path(path) / parts["probe"]) if parts.get("probe") else None)
             router = router or (str(Path(path) / parts["router"]) if parts.get("router") else None)
             path = str(Path(path) / parts["model"])
         device, dtype = resolve_device_dtype(device, dtype)
-        model = load_causal_lm(path, dtype=dtype).to(device)
+        adapter = manifest["parts"].get("adapter") if manifest is not None else None
+        model = load_causal_lm(path, dtype=torch.float32 if adapter else dtype)
         tokenizer = load_tokenizer(path)
-        if manifest is not None and manifest["parts"].get("adapter"):  # kept LoRA adapter: merged in memory
+        if adapter:  # kept LoRA adapter: merged in memory (fp32, CPU: the export checked the parts this way)
             from peft import PeftModel
 
-            adapter_dir = Path(path).parent / manifest["parts"]["adapter"]
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(Path(path).parent / adapter)).merge_and_unload().to(dtype)
+        model = model.to(device)
         # a bundle's model directory is a renamed copy of the policy: compare structure, not names
-        loaded_probe = load_probe(probe, model, check_name=manifest is None) if probe else None
+        loaded_probe = (load_probe(probe, model, check_name=manifest is None, check_weights="probe" not in own)
+                        if probe else None)
         if loaded_probe is not None:
             loaded_probe.probe.to(device)
         if router and not Path(router, ROUTER_META).is_file() and Path(router, "router", ROUTER_META).is_file():
             router = str(Path(router, "router"))  # a train/drllm_router.py output_dir holds the export in router/
-        loaded_router, router_meta = load_router(router, model, device=device) if router else (None, {})
+        loaded_router, router_meta = (load_router(router, model, device=device, check_weights="router" not in own)
+                                      if router else (None, {}))
         return cls(model, tokenizer, loaded_probe, loaded_router, manifest, router_meta.get("p_default"))
 
     # ------------------------------------------------------------------ generation
@@ -220,6 +237,8 @@ class EfficientDecoder:
             raise DecoderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise DecoderError(f"temperature must be > 0 when sampling, got {temperature}")
+        if early_exit:
+            self._warn_if_features_shift(routing)
         settings = {**options, "seed": seed}
         if seed is not None:
             torch.manual_seed(seed)
@@ -250,6 +269,24 @@ class EfficientDecoder:
             for s in seqs:
                 s.layers_executed = per_prompt[s.prompt_index]
         return DecodeOutput(seqs, len(prompts), time.perf_counter() - start, settings)
+
+    def _warn_if_features_shift(self, routing: bool) -> None:
+        """Warn once (one line) when LYNX's features differ from those its probe was calibrated on."""
+        from algos.device import dtype_name
+
+        calibrated = self.probe.calibrated_with  # {} for probes that do not record it
+        dtype = dtype_name(next(self.model.parameters()).dtype)
+        shifts = []
+        if calibrated.get("dtype") and calibrated["dtype"] != dtype:
+            shifts.append(f"the model runs in {dtype} but the probe was calibrated in {calibrated['dtype']}")
+        if routing and not calibrated.get("routing"):
+            shifts.append("Dr.LLM routing is on but the probe was calibrated without it")
+        message = "; ".join(shifts)
+        if message and message not in self._warned:
+            self._warned.add(message)
+            command = f"scripts/lynx_feature_shift.py --dtype {dtype}" + (" --router ..." if routing else "")
+            warnings.warn(f"LYNX early exit: {message}, so premature exits may exceed delta = 1 - confidence; "
+                          f"measure them with {command}", stacklevel=4)  # past torch.no_grad: the caller
 
     # ------------------------------------------------------------------ the parts
     def _sequence(self, prompt_index: int, response: list[int], **extra) -> DecodedSequence:
@@ -309,7 +346,7 @@ class EfficientDecoder:
                                    answer_max_tokens=answer_max_tokens, stop_at_answer_close=stop_at_answer_close,
                                    num_layers=self.num_layers, hidden_size=int(self.model.config.hidden_size),
                                    device=ids.device)
-        raw = eager_generate(model, ids, mask, params, self.eos_ids, exits=exits)
+        raw = eager_generate(model, ids, mask, params, self.eos_ids, end_think_ids=self.end_think, exits=exits)
         order = sorted(range(len(raw)), key=lambda i: (raw[i].prompt_index, i))
         position = {old: new for new, old in enumerate(order)}
         seqs = []

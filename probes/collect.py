@@ -23,8 +23,9 @@ Per batch of problems (one sampled rollout each, T = 0.6, top-p 0.95):
 3. **On disk as it grows**: batch k of the problem list becomes ``shard-0000k.safetensors``
    (features float32 (N, D), labels, problem index, event index, synthetic flag, answer ids; and
    per rollout its problem index, response ids, length and number of cue events), written to a
-   temporary file and renamed, then recorded in ``progress.json`` (settings, model identity, a
-   fingerprint of the problems, shards done), also written atomically. A rerun with the same
+   temporary file and renamed, then recorded in ``progress.json`` (settings, model identity with
+   its weight fingerprint (:mod:`algos.fingerprint`) and dtype, a fingerprint of the problems,
+   shards done), also written atomically. A rerun with the same
    settings skips the shards already done (resume; each batch has its own seed, so the result
    equals an uninterrupted run); other settings, problems or another model stop with one line.
 4. :class:`EventShards` reads a collection back; ``load(problems)`` concatenates the events of a
@@ -49,13 +50,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from algos.data import build_prompt
 from algos.hf_compat import cache_arg
-from algos.models import model_identity
+from algos.device import dtype_name
+from algos.fingerprint import base_identity
 from probes.cues import EXIT_STRING_THINKING, CueConfig
 from probes.early_exit import NeverExit, _closes, lynx_generate
 from rewards.verify import is_correct
 
 FORMAT = "repro-rl/lynx-events"
-VERSION = 1
+VERSION = 2  # 2: the model identity has weights_fingerprint and dtype
 PROGRESS_FILE = "progress.json"
 LYNX_PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -325,6 +327,14 @@ class EventShards:
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return EventSet(**cat)
 
+    def responses(self) -> dict[int, list[int]]:
+        """Each rollout's response token ids (what its events index), by problem index."""
+        out = {}
+        for shard in self._shards():
+            for p, row, n in zip(shard["rollout_problem"].tolist(), shard["responses"], shard["response_len"].tolist()):
+                out[p] = row[:n].tolist()
+        return out
+
     def rollouts(self) -> dict:
         """Per rollout: problem index, response length, number of cue events (before the cap)."""
         cols = {"problem": [], "response_len": [], "num_cues": []}
@@ -403,12 +413,16 @@ def collect_events(model, tokenizer, records, out_dir, config: CollectConfig, pr
     exit_ids = tokenizer(cfg.exit_string, add_special_tokens=False)["input_ids"]
     out_dir = Path(out_dir)
     settings = cfg.to_dict() | {"feature_dim": len(cfg.layers) * model.config.hidden_size}
-    current = {"settings": settings, "model": model_identity(model),
+    identity = base_identity(model) | {"dtype": dtype_name(next(model.parameters()).dtype)}  # features depend on both
+    current = {"settings": settings, "model": identity,
                "data": {"num_problems": len(records), "fingerprint": records_fingerprint(records)}}
     progress_path = out_dir / PROGRESS_FILE
     if progress_path.is_file():
         with open(progress_path) as f:
             state = json.load(f)
+        if state.get("version") != VERSION:
+            raise CollectError(f"'{out_dir}' holds events of another repro-rl version (format v{state.get('version')}, "
+                               f"this one writes v{VERSION}); use another data directory or delete it")
         _check_same(state, current, out_dir)
         state["shards"] = {k: v for k, v in state["shards"].items() if (out_dir / k).is_file()}
         for stale in out_dir.glob(".*.tmp"):  # left by a killed run

@@ -11,6 +11,10 @@
   ``require_boxed=False`` (default) lets an answer outside ``\\boxed{}`` count (math_verify's own
   extraction), since a small model often answers without the box and the forced exit always
   boxes, which would otherwise favour the exit arms.
+* :func:`recompute_features`: the features of collected events from another model setting (another
+  dtype, Dr.LLM routing on), for the same events and labels: ``premature_exit_rates`` on them
+  measures how far the conformal bound, calibrated on the collection's features, still holds
+  (``scripts/lynx_feature_shift.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algos.data import build_prompt
+from algos.hf_compat import cache_arg
 from probes.early_exit import NeverExit, lynx_generate
 from rewards.verify import is_correct
 
@@ -43,6 +48,36 @@ def premature_exit_rates(bundle, events, confidences) -> list[dict]:
                      "premature_exit_rate": _rate(exits[~safe]), "safe_exit_rate": _rate(exits[safe]),
                      "exit_rate": _rate(exits)})
     return rows
+
+
+@torch.no_grad()
+def recompute_features(model, tokenizer, events, prompts: dict[int, str], responses: dict[int, list[int]],
+                       layers) -> torch.Tensor:
+    """(N, D) features of ``events`` (a :class:`probes.collect.EventSet`) computed by ``model``.
+
+    Per rollout the prompt is prefilled alone (a :class:`routers.routed_lm.RoutedCausalLM` picks its
+    path there, as the decoder does), then the response up to its last event is fed in one forward
+    over the cache; event i's features are the hidden states at ``layers`` of response token i, as
+    the collection recorded them while generating (same model and dtype: equal up to float noise).
+    ``prompts`` / ``responses``: by problem index (:meth:`probes.collect.EventShards.responses`)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    features = torch.zeros(len(events), len(layers) * model.config.hidden_size)
+    for problem in events.problem.unique().tolist():
+        rows = torch.nonzero(events.problem == problem).flatten()
+        index = events.event_index[rows]
+        prompt = tokenizer(prompts[problem], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        response = torch.tensor([responses[problem][: int(index.max()) + 1]], device=device)
+        n, m = prompt.shape[1], response.shape[1]
+        cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
+        model(input_ids=prompt, attention_mask=torch.ones_like(prompt), position_ids=torch.arange(n, device=device)[None],
+              **cache_arg(cache), use_cache=True)
+        out = model(input_ids=response, attention_mask=torch.ones(1, n + m, dtype=torch.long, device=device),
+                    position_ids=torch.arange(n, n + m, device=device)[None], **cache_arg(cache), use_cache=True,
+                    output_hidden_states=True)
+        features[rows] = torch.cat([out.hidden_states[layer][0, index.to(device)] for layer in layers], -1).float().cpu()
+    return features
 
 
 @torch.no_grad()
@@ -93,4 +128,4 @@ def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_
     return results
 
 
-__all__ = ["evaluate_decoding", "premature_exit_rates"]
+__all__ = ["evaluate_decoding", "premature_exit_rates", "recompute_features"]

@@ -1,15 +1,18 @@
 """Save and load a LYNX probe: a directory with ``probe.safetensors`` + ``lynx_probe.json``.
 
 The safetensors file holds the MLP and its standardisation buffers; the JSON holds everything else
-needed to decode with it: the base model's identity (:func:`algos.models.model_identity`: name,
-model type, layer count, hidden size, vocabulary size), the hidden-state layers used (HF
-``hidden_states`` indices, 0 = embeddings), the cue settings, the exit string, the answer budget,
-the conformal calibration scores (so the confidence is picked at decode time) and the training
+needed to decode with it: the base model's identity (:func:`algos.fingerprint.base_identity`: name,
+model type, layer count, hidden size, vocabulary size and the weight fingerprint), the hidden-state
+layers used (HF ``hidden_states`` indices, 0 = embeddings), the cue settings, the exit string, the
+answer budget, the conformal calibration scores (so the confidence is picked at decode time), the
+setting the calibration features came from (``calibrated_with``: dtype, routing) and the training
 metrics. No pickles. Writing goes to a temporary directory that is renamed into place.
 
 Loading with ``model=`` checks the identity: a different architecture (type, layers, hidden size,
-vocabulary) always fails; a different name fails unless ``check_name=False`` (the same weights
-under another path). Every failure is one :class:`ProbeLoadError` line naming what to fix.
+vocabulary) always fails; other weights fail by the fingerprint (an fp32 and a bf16 copy of one
+model match; an export without a fingerprint, older than version 2, loads with a warning); a
+different name fails unless ``check_name=False`` (the same weights under another path). Every
+failure is one :class:`ProbeLoadError` line naming what to fix.
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from algos.fingerprint import weights_mismatch
 from algos.models import model_identity
 from probes.conformal import ConformalCalibration, ExitRule
 from probes.cues import CueConfig
 from probes.probe import ExitProbe
 
 FORMAT = "repro-rl/lynx-probe"
-VERSION = 1
+VERSION = 2  # 2: base_model has weights_fingerprint; calibrated_with
 WEIGHTS_FILE = "probe.safetensors"
 CONFIG_FILE = "lynx_probe.json"
 _STRUCTURE = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
@@ -52,6 +56,7 @@ class LynxProbe:
     answer_max_tokens: int = 64
     default_confidence: float | None = None
     metrics: dict = field(default_factory=dict)
+    calibrated_with: dict = field(default_factory=dict)  # {"dtype": "float32", "routing": False}; {} = unknown
 
     def rule(self, confidence: float | None = None) -> ExitRule:
         """Exit rule at confidence c (default: the confidence chosen at export)."""
@@ -72,8 +77,10 @@ def _same_name(a: str, b: str) -> bool:
     return os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_compatible(base: dict, model, where: str = "the probe", check_name: bool = True) -> None:
-    """Raise :class:`ProbeLoadError` (one line) unless ``model`` is the model ``base`` describes."""
+def check_compatible(base: dict, model, where: str = "the probe", check_name: bool = True,
+                     check_weights: bool = False) -> None:
+    """Raise :class:`ProbeLoadError` (one line) unless ``model`` has the structure (and name) ``base``
+    describes; with ``check_weights`` also its weights (:func:`algos.fingerprint.weights_mismatch`)."""
     current = model_identity(model)
     diffs = [f"{k} {base.get(k)} != {current.get(k)}" for k in _STRUCTURE if base.get(k) != current.get(k)]
     if check_name and not _same_name(str(base.get("name") or ""), str(current.get("name") or "")):
@@ -82,6 +89,9 @@ def check_compatible(base: dict, model, where: str = "the probe", check_name: bo
     if diffs:
         raise ProbeLoadError(f"{where} was trained for another model ({'; '.join(diffs)}); "
                              "load the model it was trained on or train a probe for this one")
+    problem = weights_mismatch(base, model, where) if check_weights else None
+    if problem:
+        raise ProbeLoadError(problem)
 
 
 def save_probe(directory, bundle: LynxProbe) -> Path:
@@ -99,6 +109,7 @@ def save_probe(directory, bundle: LynxProbe) -> Path:
         "answer_max_tokens": bundle.answer_max_tokens,
         "default_confidence": bundle.default_confidence,
         "calibration": bundle.calibration.to_dict(),
+        "calibrated_with": bundle.calibrated_with,
         "metrics": bundle.metrics,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -119,8 +130,9 @@ def save_probe(directory, bundle: LynxProbe) -> Path:
     return target
 
 
-def load_probe(directory, model=None, check_name: bool = True) -> LynxProbe:
-    """Load an export; with ``model`` given, refuse (ProbeLoadError) if it is not the base model."""
+def load_probe(directory, model=None, check_name: bool = True, check_weights: bool = True) -> LynxProbe:
+    """Load an export; with ``model`` given, refuse (ProbeLoadError) if it is not the base model
+    (``check_weights=False``: structure and name only)."""
     path = Path(directory)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ProbeLoadError(f"no LYNX probe at '{path}' (expected {CONFIG_FILE} and {WEIGHTS_FILE}); "
@@ -134,7 +146,8 @@ def load_probe(directory, model=None, check_name: bool = True) -> LynxProbe:
         raise ProbeLoadError(f"'{path}' is not a LYNX probe export this version can read "
                              f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
     if model is not None:
-        check_compatible(meta["base_model"], model, where=f"the probe at '{path}'", check_name=check_name)
+        check_compatible(meta["base_model"], model, where=f"the probe at '{path}'", check_name=check_name,
+                         check_weights=check_weights)
     probe = ExitProbe(int(meta["feature_dim"]), tuple(meta["hidden"]))
     try:
         probe.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
@@ -152,6 +165,7 @@ def load_probe(directory, model=None, check_name: bool = True) -> LynxProbe:
         answer_max_tokens=int(meta.get("answer_max_tokens", 64)),
         default_confidence=meta.get("default_confidence"),
         metrics=meta.get("metrics", {}),
+        calibrated_with=meta.get("calibrated_with", {}),
     )
 
 

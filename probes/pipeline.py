@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from algos.data import SYNTHETIC_TASKS, ArithmeticTask, DataConfigError, load_records
 from algos.device import dtype_name, resolve_device_dtype
-from algos.models import load_causal_lm, load_tokenizer, model_identity
+from algos.fingerprint import base_identity
+from algos.models import load_causal_lm, load_tokenizer
 from probes.collect import (LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
                             write_json_atomic)
 from probes.conformal import ConformalCalibration
@@ -206,7 +207,7 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     model = load_causal_lm(cfg.model_name_or_path, dtype=dtype).to(device).eval()
     collect_cfg = resolve_settings(cfg, model, tokenizer)
-    identity = model_identity(model)
+    identity = base_identity(model)  # the export records the weight fingerprint
     print(f"[lynx] model {identity['name']} ({identity['num_hidden_layers']} layers, hidden {identity['hidden_size']}); "
           f"{len(pool)} training + {len(held)} held-out problems from '{cfg.dataset}'; cues "
           f"{list(collect_cfg.cue_config.cues)!r}, exit string {collect_cfg.exit_string!r}, layers "
@@ -256,6 +257,7 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     bundle = LynxProbe(probe=probe, calibration=calibration, layers=collect_cfg.layers,
                        cue_config=collect_cfg.cue_config, exit_string=collect_cfg.exit_string, base_model=identity,
                        answer_max_tokens=cfg.answer_max_tokens, default_confidence=cfg.confidence,
+                       calibrated_with={"dtype": dtype_name(dtype), "routing": False},
                        metrics={"collection": collection, "training": train_metrics, "calibration": calib_metrics,
                                 "collect_settings": collect_cfg.to_dict(), "dataset": cfg.dataset})
     save_probe(out_dir, bundle)

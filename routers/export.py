@@ -1,9 +1,11 @@
 """Save and load trained routers: ``router.safetensors`` + ``router.json`` (never pickle).
 
-The JSON records the base model's identity (``algos.models.model_identity`` plus a weight
-fingerprint), the router sizes, the window count, training metrics and the default of the
-p knob. Loading checks the identity against the model at hand and raises a one-line
-ValueError on a mismatch. Writes go to a temporary directory that is renamed into place.
+The JSON records the base model's identity (:func:`algos.fingerprint.base_identity`: name,
+structure and the weight fingerprint, which is the same for fp32 and bf16 copies of one model),
+the router sizes, the window count, training metrics and the default of the p knob. Loading
+checks the identity against the model at hand and raises a one-line ValueError on a mismatch
+(exports older than version 2 have no weight fingerprint: loaded with a warning, weights unchecked).
+Writes go to a temporary directory that is renamed into place.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from algos.fingerprint import base_identity, weights_mismatch
 from algos.models import model_identity
 from routers.router import PURE_ROUTER_P, PathRouter
 
 FORMAT = "repro-rl/drllm-router"
-VERSION = 1
+VERSION = 2  # 2: base_model carries weights_fingerprint (algos.fingerprint)
 WEIGHTS_FILE = "router.safetensors"
 META_FILE = "router.json"
 _STRUCTURAL_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
@@ -33,35 +36,6 @@ def tensor_digest(tensors) -> str:
     for t in tensors:
         digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def model_fingerprint(model, rounded_to: torch.dtype | None = None) -> str:
-    """:func:`tensor_digest` of a few base weights: final norm, first embedding rows, block 0's norm
-    (first rounded to ``rounded_to`` when given). Two models with the same shapes but different
-    weights get different fingerprints."""
-    body = model.model
-    weights = [body.norm.weight, body.embed_tokens.weight[:4], body.layers[0].input_layernorm.weight]
-    return tensor_digest([w.detach().to(rounded_to) if rounded_to is not None else w for w in weights])
-
-
-def low_precision_fingerprints(model) -> dict[str, str]:
-    """The fingerprint with the weights rounded to bfloat16 and to float16: the same model loaded in
-    float32 and in one of those (``--dtype``) shares that entry."""
-    return {"bfloat16": model_fingerprint(model, torch.bfloat16), "float16": model_fingerprint(model, torch.float16)}
-
-
-def base_identity(model) -> dict:
-    return {**model_identity(model), "fingerprint": model_fingerprint(model),
-            "fingerprints": low_precision_fingerprints(model)}
-
-
-def same_weights(saved: dict, model) -> bool:
-    """True when ``model`` has the weights ``saved`` (a :func:`base_identity`) was made from, in the same
-    precision or rounded to bfloat16 / float16 on either side (exports before these entries: exact only)."""
-    if saved.get("fingerprint") == model_fingerprint(model):
-        return True
-    saved_low = saved.get("fingerprints") or {}
-    return any(saved_low.get(k) == v for k, v in low_precision_fingerprints(model).items())
 
 
 def save_router(router: PathRouter, out_dir: str | os.PathLike, model, metrics: dict | None = None,
@@ -93,21 +67,21 @@ def save_router(router: PathRouter, out_dir: str | os.PathLike, model, metrics: 
     return out_dir
 
 
-def check_identity(saved: dict, model, where: str = "router") -> None:
-    """Raise a one-line ValueError when ``model`` is not the model the export was made for."""
-    current = base_identity(model)
+def check_identity(saved: dict, model, where: str = "router", check_weights: bool = True) -> None:
+    """Raise a one-line ValueError when ``model`` is not the model the export was made for (structure,
+    then the weight fingerprint unless ``check_weights=False``)."""
+    current = model_identity(model)
     for key in _STRUCTURAL_KEYS:
         if saved.get(key) != current.get(key):
             raise ValueError(f"{where} was trained for {saved.get('name') or 'another model'} with {key}="
                              f"{saved.get(key)}, but the model given has {key}={current.get(key)}; "
                              "load it with the model it was trained on")
-    if not same_weights(saved, model):
-        raise ValueError(f"{where} was trained for {saved.get('name') or 'another model'} (weights fingerprint "
-                         f"{saved.get('fingerprint')}), but the model given ({current.get('name') or 'unnamed'}) "
-                         f"has fingerprint {current['fingerprint']}; load it with the model it was trained on")
+    problem = weights_mismatch(saved, model, where) if check_weights else None
+    if problem:
+        raise ValueError(problem)
 
 
-def load_router(path: str | os.PathLike, model=None, device=None) -> tuple[PathRouter, dict]:
+def load_router(path: str | os.PathLike, model=None, device=None, check_weights: bool = True) -> tuple[PathRouter, dict]:
     """(router, metadata) from a directory written by :func:`save_router`, checked against ``model``."""
     path = Path(path)
     meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
@@ -117,7 +91,7 @@ def load_router(path: str | os.PathLike, model=None, device=None) -> tuple[PathR
     if meta.get("format") != FORMAT:
         raise ValueError(f"'{path}' holds format {meta.get('format')!r}, not a Dr.LLM router ({FORMAT})")
     if model is not None:
-        check_identity(meta["base_model"], model, where=f"router '{path}'")
+        check_identity(meta["base_model"], model, where=f"router '{path}'", check_weights=check_weights)
     router = PathRouter(meta["num_layers"], meta["hidden_size"], meta["router_hidden"], meta["num_windows"])
     router.load_state_dict(load_file(str(weights_path)))
     if device is not None:

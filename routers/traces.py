@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from algos.models import model_identity
-from routers.export import model_fingerprint
+from algos.device import dtype_name
+from algos.fingerprint import base_identity
 from routers.mcts import MCTSConfig, mcts_search
 from routers.path_eval import GenerationEvaluator
 from routers.routed_model import RoutedModel
 
 TRACE_FORMAT = "repro-rl/drllm-traces"
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # 2: the header names the weights by algos.fingerprint, and the dtype
 
 
 class TraceError(ValueError):
@@ -41,7 +41,7 @@ class TraceError(ValueError):
 def trace_header(model, settings: dict, mcts: MCTSConfig) -> dict:
     """What must match for a rerun to resume: format, base identity, caller settings, MCTS config."""
     return {"kind": "header", "format": TRACE_FORMAT, "version": TRACE_VERSION,
-            "base_model": {**model_identity(model), "fingerprint": model_fingerprint(model)},  # dtype included
+            "base_model": base_identity(model), "dtype": dtype_name(next(model.parameters()).dtype),
             "settings": dict(settings), "mcts": asdict(mcts)}
 
 
@@ -66,6 +66,9 @@ def read_traces(path: str | os.PathLike, header: dict | None = None) -> tuple[di
         saved = None
     if not isinstance(saved, dict) or saved.get("format") != TRACE_FORMAT:
         raise TraceError(f"'{path}' is not a Dr.LLM trace file; choose another --output_dir or remove it")
+    if header is not None and saved.get("version") != TRACE_VERSION:
+        raise TraceError(f"'{path}' was written by another repro-rl version (trace format v{saved.get('version')}, "
+                         f"this one writes v{TRACE_VERSION}); choose another --output_dir or remove it")
     if header is not None:
         diff = _diff(json.loads(json.dumps(saved)), json.loads(json.dumps(header)))
         if diff:

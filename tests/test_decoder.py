@@ -38,14 +38,14 @@ def batch(tok, texts=PROMPTS):
 
 def always_exit_probe(model, cues=("e",)) -> LynxProbe:
     """A probe that exits at every cue: p(safe) ~ 1, and thresholds every p clears."""
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
 
     probe = ExitProbe(2 * model.config.hidden_size, (8,))
     with torch.no_grad():
         probe.mlp[-1].bias.fill_(20.0)
     return LynxProbe(probe=probe.eval(), calibration=ConformalCalibration([0.5] * 20, [0.1] * 20), layers=(1, 2),
                      cue_config=CueConfig(cues, word_boundary=False, region_end=()), exit_string=" Final: \\boxed{",
-                     base_model=model_identity(model), answer_max_tokens=5)
+                     base_model=base_identity(model), answer_max_tokens=5)
 
 
 def hf_generate(model, tok, seed, **sampling):
@@ -140,6 +140,46 @@ def test_lynx_exits_inside_eager_roll_back_the_cue(model, tok):
             assert int(logits[start + j - 1].argmax()) == t
 
 
+@pytest.mark.parametrize("spelling", ["</think>", " </think>"])
+def test_eager_stops_branching_after_end_of_thinking(model, tok, spelling):
+    """The default tokenizer spells '</think>' with three tokens ('</' or ' </', 'think', '>'). Forced
+    as response tokens 1..3 of every sequence (high-entropy steps before and after): sequences fork
+    at step 0 only, never after the marker."""
+    marker = tok.encode(spelling, add_special_tokens=False)
+    assert len(marker) > 1  # not one token in this vocabulary: the multi-token path is what is tested
+    calls = {"n": 0}
+
+    def force_marker(module, args, kwargs, output):  # forward c produces the logits of response token c
+        k, calls["n"] = calls["n"] - 1, calls["n"] + 1
+        if 0 <= k < len(marker):
+            output.logits[:, -1] = -1e4
+            output.logits[:, -1, marker[k]] = 1e4
+        return output
+
+    handle = model.register_forward_hook(force_marker, with_kwargs=True)
+    try:
+        out = EfficientDecoder(model, tok).generate(PROMPTS, branching=True, do_sample=True, temperature=1.0,
+                                                    max_new_tokens=10, branch_threshold=0.5, entropy_top_k=5,
+                                                    max_branches=8, seed=0)
+    finally:
+        handle.remove()
+    assert all(s.token_ids[1:1 + len(marker)] == marker for s in out.sequences)
+    forks = [s.fork_step for s in out.sequences if s.parent is not None]
+    assert forks and all(step == 0 for step in forks), forks  # step 0 forks; none after the marker
+
+
+def test_end_think_ids_one_token_or_its_encodings(tok):
+    import copy
+
+    from algos.rollout.eager_engine import end_think_ids
+
+    assert end_think_ids(tok) == [tok.encode("</think>", add_special_tokens=False),
+                                  tok.encode(" </think>", add_special_tokens=False)]
+    thinking = copy.deepcopy(tok)
+    thinking.add_tokens(["</think>"])  # what the thinking default's tokenizer has
+    assert end_think_ids(thinking) == [[thinking.convert_tokens_to_ids("</think>")]]
+
+
 def test_every_subset_from_a_bundle(tiny_model_path, model, tmp_path):
     from deploy.bundle import export_bundle
     from probes.export import save_probe
@@ -173,6 +213,28 @@ def test_every_subset_from_a_bundle(tiny_model_path, model, tmp_path):
                     assert [g[0].layers_executed for g in groups] == path
                 if lynx:
                     assert any(s.exited for s in out.sequences), (routing, branching, out.texts)
+
+
+def test_lynx_warns_once_when_its_features_shift(model, tok):
+    """Calibrated in float32 without routing: bf16 and routing each shift the features; one warning per shift."""
+    import copy
+    import warnings
+
+    probe = always_exit_probe(model)
+    probe.calibrated_with = {"dtype": "float32", "routing": False}
+    args = dict(early_exit=True, confidence=0.9, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the calibration's own setting: no warning
+        EfficientDecoder(model, tok, probe=probe).generate(PROMPTS, **args)
+    decoder = EfficientDecoder(copy.deepcopy(model).to(torch.bfloat16), tok, probe=probe,
+                               router=PathRouter(2, model.config.hidden_size))
+    with pytest.warns(UserWarning) as caught:
+        decoder.generate(PROMPTS, routing=True, **args)
+        decoder.generate(PROMPTS, routing=True, **args)  # the same shift again: no second warning
+    messages = [str(w.message) for w in caught if "LYNX" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "runs in bfloat16 but the probe was calibrated in float32" in messages[0]
+    assert "routing is on" in messages[0] and "lynx_feature_shift.py --dtype bfloat16 --router" in messages[0]
 
 
 def test_missing_parts_are_one_line_errors(model, tok):

@@ -50,6 +50,7 @@ def test_bad_device_or_dtype_is_one_line():
     ("scripts/bench_decoder.py", []), ("scripts/bench_drllm.py", []), ("scripts/bench_eager.py", []),
     ("scripts/bench_lynx.py", []), ("scripts/bench_repro.py", []), ("scripts/bench_rl_step.py", []),
     ("scripts/bench_long_sequences.py", []), ("scripts/bench_eager_threshold.py", []),
+    ("scripts/lynx_feature_shift.py", ["--probe", "runs/lynx"]),
 ])
 def test_every_job_takes_device_and_dtype(script, argv):
     args = _load_script(script).parse_args(argv + ["--device", "cpu", "--dtype", "bfloat16"])
@@ -80,7 +81,7 @@ def test_probe_scores_features_of_any_dtype_and_device():
 
 
 def _bundle_parts(model):
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
     from probes.conformal import ConformalCalibration
     from probes.cues import CueConfig
     from probes.export import LynxProbe
@@ -91,7 +92,7 @@ def _bundle_parts(model):
         probe.mlp[-1].bias.fill_(20.0)  # exits at every cue
     return LynxProbe(probe=probe.eval(), calibration=ConformalCalibration([0.5] * 20, [0.1] * 20), layers=(1, 2),
                      cue_config=CueConfig(("e",), word_boundary=False, region_end=()), exit_string=" Final: \\boxed{",
-                     base_model=model_identity(model), answer_max_tokens=5)
+                     base_model=base_identity(model), answer_max_tokens=5)
 
 
 def _export_parts(tiny_model_path, out: Path):

@@ -125,10 +125,12 @@ def test_traces_written_incrementally_resumed_and_checked(routed, tmp_path):
     assert StubEvaluator.built == 0  # everything done: nothing searched, a dropped example included
 
     before = path.read_text()
+    other = tiny_model(seed=1)
+    other.config._name_or_path = "tiny-0"  # same name, other weights: refused by the weights fingerprint
     cases = [
         (dict(routed=routed, settings={"dataset": "stub"}, mcts=MCTSConfig(simulations=30, seed=0)), "mcts.simulations"),
         (dict(routed=routed, settings={"dataset": "other"}, mcts=mcts), "settings.dataset"),
-        (dict(routed=RoutedModel(tiny_model(seed=1)), settings={"dataset": "stub"}, mcts=mcts), "fingerprint"),
+        (dict(routed=RoutedModel(other), settings={"dataset": "stub"}, mcts=mcts), "base_model.weights_fingerprint"),
     ]
     for kwargs, key in cases:
         with pytest.raises(TraceError, match=key) as err:
@@ -142,6 +144,11 @@ def test_traces_written_incrementally_resumed_and_checked(routed, tmp_path):
                        progress=False, make_evaluator=StubEvaluator)
     assert path.read_text() == before  # refused runs leave the file untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.jsonl"]  # no temp files left
+    old = path.with_name("old.jsonl")  # a file of the previous format (its fingerprint meant other things)
+    old.write_text(before.replace('"version": 2', '"version": 1', 1))
+    with pytest.raises(TraceError, match="another repro-rl version .trace format v1.*another --output_dir"):
+        collect_traces(routed, CharTokenizer(), recs, prompts, old, {"dataset": "stub"}, mcts, progress=False,
+                       make_evaluator=StubEvaluator)
 
 
 # ---------------------------------------------------------------- teacher forcing

@@ -26,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def bundle(tiny_model_path, tmp_path_factory) -> str:
     """The tiny model with a random LYNX probe and Dr.LLM router, as a deploy bundle."""
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
     from probes.conformal import ConformalCalibration
     from probes.cues import cue_preset, default_exit_string
     from probes.export import LynxProbe, save_probe
@@ -41,7 +41,7 @@ def bundle(tiny_model_path, tmp_path_factory) -> str:
     probe.set_standardisation(torch.randn(20, probe.input_dim))
     calibration = ConformalCalibration.from_probs(torch.rand(40), torch.arange(40) % 2)
     lynx = LynxProbe(probe=probe.eval(), calibration=calibration, layers=(1, 2), cue_config=cue_preset("words", True),
-                     exit_string=default_exit_string(True), base_model=model_identity(model), default_confidence=0.9)
+                     exit_string=default_exit_string(True), base_model=base_identity(model), default_confidence=0.9)
     probe_dir = save_probe(where / "lynx", lynx)
     router = PathRouter(model.config.num_hidden_layers, model.config.hidden_size)
     router_dir = save_router(router, where / "router", model)

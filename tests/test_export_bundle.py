@@ -1,6 +1,7 @@
 """scripts/export.py: bundle round trip, parts for another model refused, tampering detected."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -25,14 +26,14 @@ spec.loader.exec_module(export)
 
 
 def save_parts(model, where: Path) -> tuple[Path, Path]:
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
 
     torch.manual_seed(0)
     probe = ExitProbe(2 * model.config.hidden_size, (16, 8))
     probe.set_standardisation(torch.randn(20, probe.input_dim))
     bundle = LynxProbe(probe=probe.eval(), calibration=ConformalCalibration.from_probs(torch.rand(40), torch.arange(40) % 2),
                        layers=(1, 2), cue_config=cue_preset("words", True), exit_string=default_exit_string(True),
-                       base_model=model_identity(model), default_confidence=0.9)
+                       base_model=base_identity(model), default_confidence=0.9)
     probe_dir = save_probe(where / "lynx", bundle)
     router_dir = save_router(PathRouter(model.config.num_hidden_layers, model.config.hidden_size), where / "router", model)
     return probe_dir, router_dir
@@ -59,6 +60,42 @@ def test_parts_for_another_model_are_refused(tiny_model_path, tmp_path):
     with pytest.raises(export.BundleError, match="router"):
         export.export_bundle(tiny_model_path, tmp_path / "bundle", router=router_dir)
     assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_probe_for_changed_weights_is_refused(tiny_model_path, tmp_path):
+    """Same architecture and name, weights one Adam step (lr 1e-6) away: the probe's fingerprint differs."""
+    from algos.fingerprint import FINGERPRINT_KEY, weight_fingerprint
+
+    changed = AutoModelForCausalLM.from_pretrained(tiny_model_path).train()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    changed(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.Adam(changed.parameters(), lr=1e-6).step()
+    probe_dir, _ = save_parts(changed.eval(), tmp_path / "parts")
+    with pytest.raises(export.BundleError, match="probe .* weights fingerprint") as err:
+        export.export_bundle(tiny_model_path, tmp_path / "bundle", probe=probe_dir)
+    assert "\n" not in str(err.value) and not (tmp_path / "bundle").exists()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    good, _ = save_parts(model, tmp_path / "good")
+    manifest = export.verify_bundle(export.export_bundle(tiny_model_path, tmp_path / "bundle", probe=good))
+    assert manifest["base_model"][FINGERPRINT_KEY] == weight_fingerprint(model)
+
+
+def test_kept_adapter_parts_are_checked_against_the_merged_policy(tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from deploy.decoder import EfficientDecoder
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    policy.save_pretrained(tmp_path / "adapter")
+    merged = copy.deepcopy(policy).merge_and_unload()
+    probe_dir, router_dir = save_parts(merged, tmp_path / "parts")
+    base_probe, _ = save_parts(AutoModelForCausalLM.from_pretrained(tiny_model_path), tmp_path / "base-parts")
+    with pytest.raises(export.BundleError, match="weights fingerprint"):  # made for the base, not the policy
+        export.export_bundle(str(tmp_path / "adapter"), tmp_path / "kept", probe=base_probe, keep_adapter=True)
+    kept = export.export_bundle(str(tmp_path / "adapter"), tmp_path / "kept", probe_dir, router_dir, keep_adapter=True)
+    decoder = EfficientDecoder.from_pretrained(str(kept), probe=str(probe_dir))  # an outside probe is checked too
+    assert decoder.probe is not None and decoder.router is not None
 
 
 def test_tampered_bundle_is_detected_and_cli_errors_are_one_line(tiny_model_path, tmp_path):

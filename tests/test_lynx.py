@@ -275,10 +275,10 @@ def _bundle(model, layers=(1, 2)):
     probe = ExitProbe(len(layers) * model.config.hidden_size, (16, 8))
     probe.set_standardisation(torch.randn(50, probe.input_dim) * 3 + 1)
     calib = ConformalCalibration.from_probs(torch.rand(60), torch.arange(60) % 2)
-    from algos.models import model_identity
+    from algos.fingerprint import base_identity
 
     return LynxProbe(probe=probe.eval(), calibration=calib, layers=layers, cue_config=cue_preset("words", True),
-                     exit_string=default_exit_string(True), base_model=model_identity(model),
+                     exit_string=default_exit_string(True), base_model=base_identity(model),
                      default_confidence=0.9, metrics={"val_auc": 0.71, "nan_ok": float("nan")})
 
 

@@ -5,6 +5,7 @@ random model never answers correctly, so tests that need both labels replace the
 """
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 
@@ -234,6 +235,12 @@ def test_collection_refuses_other_settings_data_or_model(tiny, tmp_path):
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
     with pytest.raises(CollectError, match="a different model"):
         collect_events(other, tok, RECORDS[:2], tmp_path / "ev", cfg, progress=False)
+    with pytest.raises(CollectError, match="a different model .dtype"):  # features depend on the dtype
+        collect_events(copy.deepcopy(model).to(torch.bfloat16), tok, RECORDS[:2], tmp_path / "ev", cfg, progress=False)
+    progress = json.loads((tmp_path / "ev" / "progress.json").read_text())
+    (tmp_path / "ev" / "progress.json").write_text(json.dumps(progress | {"version": 1}))
+    with pytest.raises(CollectError, match="another repro-rl version .format v1.*another data directory"):
+        collect_events(model, tok, RECORDS[:2], tmp_path / "ev", cfg, progress=False)
     (tmp_path / "not-events").mkdir()
     (tmp_path / "not-events" / "x.txt").write_text("hi")
     with pytest.raises(CollectError, match="not a LYNX event collection"):

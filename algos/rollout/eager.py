@@ -7,7 +7,8 @@ cache. After a step's logits are known, a sequence *branches* when
     H_t = -sum_{top-K} p~ log p~  >  theta_eff,     p~ = softmax(top-K logits)  (T = 1, nats)
 
 and its prompt has created fewer than ``cap`` sequences, has not closed branching, and the
-sequence has not left the thinking region. On a branch the sampled token is discarded: the parent
+sequence has not left the thinking region (its tokens end with a spelling of the end-of-thinking
+marker in ``end_think_ids``, e.g. :func:`algos.rollout.eager_engine.end_think_ids`, or it took a LYNX exit). On a branch the sampled token is discarded: the parent
 takes the top-1 token and a new child, which copies the parent's prefix and KV-cache rows (one
 ``index_select`` on the cache, no recomputation), takes the top-2 token (``sample_fork``: both
 drawn from p without replacement instead). Each sequence branches at most once per step.
@@ -104,14 +105,16 @@ def eager_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    thresholds: list[float] | None = None, copies: int = 1,
                    generator: torch.Generator | None = None, exits=None) -> list[EagerSequence]:
     """EAGER-init over a left-padded batch of prompts, (P, L). Returns every sequence created,
-    in creation order. ``caps`` / ``thresholds`` override M / theta per prompt; ``copies`` > 1
+    in creation order. ``end_think_ids``: spellings of the end-of-thinking marker, each a list of
+    token ids (a bare id is a one-token spelling); a sequence stops branching once its tokens end
+    with one. ``caps`` / ``thresholds`` override M / theta per prompt; ``copies`` > 1
     starts each prompt with that many independent sequences (with theta = inf: full parallel)."""
     p = params
     num_prompts = input_ids.shape[0]
     caps = list(caps) if caps is not None else [p.max_sequences] * num_prompts
     thetas = list(thresholds) if thresholds is not None else [p.threshold] * num_prompts
     eos = set(eos_token_ids)
-    end_think = set(end_think_ids)
+    end_think = [list(m) if isinstance(m, (list, tuple)) else [int(m)] for m in end_think_ids]
 
     ids = input_ids.repeat_interleave(copies, dim=0)
     mask = attention_mask.repeat_interleave(copies, dim=0)
@@ -296,9 +299,9 @@ def _fork_tokens(scaled: torch.Tensor, probs: torch.Tensor | None, sample_fork: 
     return int(pair[0]), int(pair[1])
 
 
-def _append(seq: EagerSequence, token: int, logprob: float, entropy: float, end_think: set) -> None:
+def _append(seq: EagerSequence, token: int, logprob: float, entropy: float, end_think: list[list[int]]) -> None:
     seq.token_ids.append(token)
     seq.logprobs.append(logprob)
     seq.entropies.append(entropy)
-    if token in end_think:
+    if any(token == m[-1] and seq.token_ids[-len(m):] == m for m in end_think):
         seq.left_thinking = True

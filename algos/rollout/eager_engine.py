@@ -40,10 +40,19 @@ class EagerSettings:
     sample_fork: bool = False
 
 
-def end_think_ids(tokenizer) -> list[int]:
-    """Token id of '</think>' when the vocabulary has it as one token (thinking models)."""
-    token_id = tokenizer.convert_tokens_to_ids("</think>")
-    return [token_id] if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else []
+def end_think_ids(tokenizer, marker: str = "</think>") -> list[list[int]]:
+    """Token-id spellings of the end-of-thinking marker (what ``eager_generate`` takes): its id when
+    the vocabulary has it as one token (thinking models), else its encodings alone and after a space
+    (SmolLM2's BPE: '</' 'think' '>' and ' </' 'think' '>'; a marker after a line break ends with the first)."""
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        return [[token_id]]
+    spellings = []
+    for text in (marker, " " + marker):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids and ids not in spellings:
+            spellings.append(ids)
+    return spellings
 
 
 class EagerEngine(HFGenerateEngine):

@@ -1,0 +1,81 @@
+"""scripts/lynx_feature_shift.py: the premature-exit rate with features from another dtype / routed.
+
+A LYNX job on a tiny random Llama (the grader replaced so both labels occur), then the script: in
+the job's own setting the recomputed features reproduce the collected ones (same rates); in bf16
+with a router the measurement runs and reports every confidence.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import probes.collect as collect_mod
+from algos.models import load_causal_lm, load_tokenizer
+from probes.pipeline import LynxJobConfig, run_lynx_job
+from routers.export import save_router
+from routers.router import PathRouter
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lynx_feature_shift.py"
+spec = importlib.util.spec_from_file_location("lynx_feature_shift", SCRIPT)
+shift = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shift)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """(probe dir, router dir) of a LYNX job on a tiny Llama with large random weights (outputs depend on the prefix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lynx-shift")
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(collect_mod, "is_correct", lambda text, gold, require_boxed=True: int(gold) % 2 == 0)
+    try:
+        run_lynx_job(LynxJobConfig(model_name_or_path=str(root / "model"), dataset="arithmetic", num_problems=16,
+                                   num_eval_problems=6, output_dir=str(root / "lynx"), max_new_tokens=10,
+                                   answer_max_tokens=4, batch_size=8, cue_preset="linebreak", eval_confidences=(0.8,),
+                                   confidence=0.7, progress=False, device="cpu", dtype="float32"))
+    finally:
+        patch.undo()
+    model = load_causal_lm(str(root / "model"))
+    router = save_router(PathRouter(2, 32), root / "router", model)
+    return root / "lynx", router
+
+
+def test_same_setting_reproduces_the_collected_rates(job, capsys):
+    probe_dir, _ = job
+    result = shift.main(["--probe", str(probe_dir), "--device", "cpu", "--dtype", "float32"])
+    assert result["calibrated_with"] == {"dtype": "float32", "routing": False} and result["events"] > 0
+    assert result["score_change_max"] < 1e-4  # teacher-forced features = the generation's own
+    assert [r["premature_exit_rate"] for r in result["shifted"]] == [r["premature_exit_rate"] for r in result["stored"]]
+    assert "P(exit | exiting is wrong)" in capsys.readouterr().out
+
+
+def test_bf16_and_routing_measure_every_confidence(job, capsys):
+    probe_dir, router_dir = job
+    result = shift.main(["--probe", str(probe_dir), "--device", "cpu", "--dtype", "bfloat16",
+                         "--router", str(router_dir), "--confidence", "0.6,0.9"])
+    assert result["setting"] == {"dtype": "bfloat16", "routing": True}
+    assert [r["confidence"] for r in result["shifted"]] == [0.6, 0.9]
+    assert all(0 <= r["premature_exit_rate"] <= 1 or r["continue_events"] == 0 for r in result["shifted"])
+    assert result["score_change_max"] > 0  # bf16 and a random router do move the features
+    out = capsys.readouterr().out
+    assert "calibrated in float32 without routing, features now from bfloat16 with routing" in out
+
+
+def test_missing_summary_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        shift.main(["--probe", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "no summary.json" in err and len(err.splitlines()) == 1
