@@ -6,9 +6,12 @@ conversational layout. Prompts are rendered exactly as the RL trainer renders th
 (:func:`algos.data.build_prompt`), so the model is fine-tuned on the inputs it will see; the loss
 covers completion tokens only (TRL's ``completion_only_loss``) and EOS closes every completion.
 
-With ``add_think_tokens`` the tokenizer gains ``<think>`` and ``</think>`` as single, non-special
-tokens (as Qwen3 and DeepSeek-R1 have them: they survive decoding) and the embedding grows by two
-rows initialised at the mean embedding (transformers' ``mean_resizing``).
+The markers ``<think>`` and ``</think>`` are written as text (several tokens each for SmolLM2),
+which a short SFT learns at once. With ``add_think_tokens`` the tokenizer gains them as single,
+non-special tokens (as Qwen3 and DeepSeek-R1 have them) and the embedding two mean-initialised rows
+(transformers' ``mean_resizing``); those rows need far more than the recipe's 32 steps to be
+emitted, so the recipe leaves it off. On the thinking task the chat template also learns to drop
+earlier turns' thinking (:func:`thinking_chat_template`).
 
 The thinking default, ``smollm2-135m-thinking``, is the embedded default fine-tuned with
 :data:`THINKING_RECIPE`; :func:`thinking_model_path` builds it once (a few minutes on a laptop CPU,
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from algos.thinking_task import THINK_END, THINK_START, ThinkingTask, TraceStyle
 
-from algos.models import THINKING_MODEL  # noqa: E402  (the name jobs accept)
+from algos.models import THINKING_MODEL  # the name jobs accept
 RECIPE_VERSION = "v1"  # bump when THINKING_RECIPE or the trace generator changes: the cache rebuilds
 
 
@@ -35,15 +38,15 @@ class SFTJobConfig:
     model_name_or_path: str | None = None   # None: the embedded default
     output_dir: str = "runs/sft"
     dataset: str = "thinking"                # 'thinking' or a TRL-layout file / hub dataset
-    num_train_samples: int = 640
+    num_train_samples: int = 256
     num_train_epochs: float = 1.0
-    learning_rate: float = 1e-4
+    learning_rate: float = 1.5e-4
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.05              # a fraction of the steps (transformers warmup_steps < 1)
     max_length: int = 512
     seed: int = 0
-    add_think_tokens: bool = True
+    add_think_tokens: bool = False           # True: <think>/</think> as new single tokens (needs longer training)
     bf16: bool | None = None                 # None: bf16 autocast where the device supports it
     task: ThinkingTask = field(default_factory=ThinkingTask)
     report_to: str = "none"
@@ -84,6 +87,20 @@ def _prompt_completion_dataset(config: SFTJobConfig, tokenizer):
     return datasets.Dataset.from_list(rows)
 
 
+_HISTORY_CONTENT = ("(message['content'].split('</think>')[-1].lstrip() "
+                    "if message['role'] == 'assistant' and not loop.last else message['content'])")
+
+
+def thinking_chat_template(template: str | None) -> str | None:
+    """The chat template of a thinking model: earlier assistant turns lose their thinking (the text up
+    to ``</think>``), as DeepSeek-R1's and Qwen3's templates do; a single-turn prompt renders as before.
+    It also marks the model as thinking for :func:`probes.cues.has_thinking_block`. A template
+    without ``message['content']`` is returned unchanged."""
+    if not template or THINK_END in template or "message['content']" not in template:
+        return template
+    return template.replace("message['content']", _HISTORY_CONTENT)
+
+
 def add_think_tokens(model, tokenizer) -> int:
     """Give ``tokenizer`` single ``<think>``/``</think>`` tokens (non-special) and ``model`` their
     embedding rows (mean-initialised). Returns how many tokens were added."""
@@ -108,6 +125,8 @@ def run_sft(config: SFTJobConfig) -> Path:
     model = load_causal_lm(config.model_name_or_path, dtype=torch.float32)
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
+    if config.dataset == "thinking":
+        tokenizer.chat_template = thinking_chat_template(tokenizer.chat_template)
     dataset = _prompt_completion_dataset(config, tokenizer)
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
     target = Path(config.output_dir)

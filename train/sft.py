@@ -2,7 +2,7 @@
 
     python train/sft.py                                   # the thinking default's recipe -> runs/sft
     python train/sft.py --num_train_samples 2000 --recheck_rate 0.5 --output_dir runs/sft-short
-    python train/sft.py --dataset my_traces.jsonl --add_think_tokens false
+    python train/sft.py --dataset my_traces.jsonl
 
 The default data are the seeded thinking traces of algos/thinking_task.py (<think>, one step per line,
 "wait"/"hmm" cues, caught mistakes, re-checks, </think>, \\boxed{} answer); their statistics are flags.
