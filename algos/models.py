@@ -35,7 +35,7 @@ def cache_dir() -> Path:
 
 
 def is_default_model(name_or_path: str | None) -> bool:
-    return name_or_path is None or name_or_path == "" or name_or_path.lower() == DEFAULT_MODEL
+    return name_or_path is None or name_or_path == "" or str(name_or_path).lower() == DEFAULT_MODEL
 
 
 def _gguf_location() -> Path:

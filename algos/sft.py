@@ -28,7 +28,7 @@ from pathlib import Path
 from algos.thinking_task import THINK_END, THINK_START, ThinkingTask, TraceStyle
 
 from algos.models import THINKING_MODEL  # the name jobs accept
-RECIPE_VERSION = "v1"  # bump when THINKING_RECIPE or the trace generator changes: the cache rebuilds
+RECIPE_VERSION = "v2"  # bump when THINKING_RECIPE or the trace generator changes: the cache rebuilds
 
 
 @dataclass
@@ -122,12 +122,12 @@ def run_sft(config: SFTJobConfig) -> Path:
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
+    if config.dataset == "thinking":
+        tokenizer.chat_template = thinking_chat_template(tokenizer.chat_template)
+    dataset = _prompt_completion_dataset(config, tokenizer)  # bad data fails before the model loads
     model = load_causal_lm(config.model_name_or_path, dtype=torch.float32)
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
-    if config.dataset == "thinking":
-        tokenizer.chat_template = thinking_chat_template(tokenizer.chat_template)
-    dataset = _prompt_completion_dataset(config, tokenizer)
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
     target = Path(config.output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,21 @@
 """The thinking task: seeded multi-step problems with R1-style reasoning traces.
 
-A problem is a chain of 3-4 small additions and subtractions, asked bare ("What is 23 + 45 - 12?")
+A problem is a chain of 3-4 one-digit numbers joined by + and - (the default; a 135M model adds
+one-digit numbers reliably and two-digit ones about half the time), asked bare ("What is 8 + 7 - 5 + 6?")
 or as a templated word problem. Its trace has the shape R1-style models write::
 
     <think>
-    We need 23 + 45 - 12.
-    23 + 45 = 68.
-    68 - 12 = 46.
-    Wait, 68 - 12 is 56, not 46.        <- a wrong step, caught and corrected
-    Hmm, 56 + 12 = 68, so that is right. <- a check with a cue word
-    So the answer is 56.
-    Wait, let me check again.           <- redundant re-checking after the answer is known
-    23 + 45 = 68. 68 - 12 = 56. Yes.
+    We need 8 + 7 - 5 + 6.
+    8 + 7 = 15.
+    15 - 5 = 10.
+    10 + 6 = 17.
+    Wait, 10 + 6 is 16, not 17.          <- a wrong step, caught and corrected
+    Hmm, 16 - 6 = 10, so that is right.  <- a check with a cue word
+    So the answer is 16.
+    Wait, let me check again.            <- redundant re-checking after the answer is known
+    8 + 7 = 15. 15 - 5 = 10. 10 + 6 = 16. Yes, 16.
     </think>
-    The answer is \\boxed{56}.
+    The answer is \\boxed{16}.
 
 That shape is what the project's methods act on: LYNX exits at the "wait"/"hmm" cues once the
 answer is known (the re-checks are the tokens it saves), EAGER branches where steps are uncertain,
@@ -73,7 +75,7 @@ class ThinkingTask:
 
     min_operands: int = 3
     max_operands: int = 4
-    digits: int = 2
+    digits: int = 1
     word_problem_fraction: float = 0.3
     test_fraction: float = 0.3
     style: TraceStyle = field(default_factory=TraceStyle)

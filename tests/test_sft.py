@@ -1,0 +1,115 @@
+"""SFT (algos/sft.py, train/sft.py): the thinking chat template, a real SFTTrainer run on the tiny model
+saved atomically with its recipe, and one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _tokenizer():
+    from algos.models import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def test_thinking_template_keeps_single_turn_prompts_and_drops_earlier_thinking():
+    from algos.sft import thinking_chat_template
+    from probes.cues import has_thinking_block
+
+    tokenizer = _tokenizer()
+    original = tokenizer.chat_template
+    assert not has_thinking_block(tokenizer)
+    question = [{"role": "user", "content": "What is 1 + 2?"}]
+    before = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = thinking_chat_template(original)
+    assert has_thinking_block(tokenizer)
+    assert tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True) == before
+
+    history = question + [{"role": "assistant", "content": "<think>\n1 + 2 = 3.\n</think>\nThe answer is 3."},
+                          {"role": "user", "content": "And 3 + 4?"},
+                          {"role": "assistant", "content": "<think>\n3 + 4 = 7.\n</think>\nThe answer is 7."}]
+    text = tokenizer.apply_chat_template(history, tokenize=False)
+    assert "1 + 2 = 3." not in text and "The answer is 3." in text  # an earlier turn loses its thinking
+    assert "<think>\n3 + 4 = 7.\n</think>" in text                   # the last turn keeps it
+    assert thinking_chat_template(tokenizer.chat_template) == tokenizer.chat_template  # idempotent
+
+
+def test_add_think_tokens_adds_two_single_tokens_and_mean_rows(tiny_model_path):
+    from algos.models import load_causal_lm, load_tokenizer
+    from algos.sft import add_think_tokens
+
+    tokenizer, model = load_tokenizer(tiny_model_path), load_causal_lm(tiny_model_path)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert add_think_tokens(model, tokenizer) == 2
+    assert len(tokenizer("</think>", add_special_tokens=False).input_ids) == 1
+    assert model.get_input_embeddings().weight.shape[0] >= rows + 2
+    assert "<think>" in tokenizer.decode(tokenizer("<think>x", add_special_tokens=False).input_ids)
+    assert add_think_tokens(model, tokenizer) == 0  # already there
+
+
+def test_run_sft_trains_and_saves_atomically_with_its_recipe(tiny_model_path, tmp_path):
+    from algos.fingerprint import weight_fingerprint
+    from algos.models import load_causal_lm, load_tokenizer
+    from algos.sft import SFTJobConfig, run_sft
+    from algos.thinking_task import ThinkingTask, TraceStyle
+
+    task = ThinkingTask(style=TraceStyle(recheck_rate=0.5))
+    config = SFTJobConfig(model_name_or_path=tiny_model_path, output_dir=str(tmp_path / "sft"),
+                          num_train_samples=8, per_device_train_batch_size=4, max_length=256, bf16=False,
+                          learning_rate=1e-2, progress=False, task=task)
+    out = run_sft(config)
+    assert out == tmp_path / "sft" and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # no temporary directory left
+    recipe = json.loads((out / "sft_recipe.json").read_text())
+    assert recipe["num_train_samples"] == 8 and recipe["task"]["style"]["recheck_rate"] == 0.5
+    tuned, base = load_causal_lm(out), load_causal_lm(tiny_model_path)
+    assert weight_fingerprint(tuned) != weight_fingerprint(base)  # it trained
+    assert "</think>" in load_tokenizer(out).chat_template
+
+
+def test_sft_entry_point_refuses_bad_input_with_one_line(capsys, tmp_path):
+    from train.sft import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--digits", "0", "--output_dir", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: thinking task needs digits >= 1"
+    with pytest.raises(SystemExit):
+        main(["--correction_rate", "2", "--output_dir", str(tmp_path / "x")])
+    assert "correction_rate must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_sft_dataset_without_trl_columns_is_one_line(tiny_model_path, tmp_path, capsys):
+    from train.sft import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"question": "1 + 1", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["--model_name_or_path", tiny_model_path, "--dataset", str(data), "--output_dir", str(tmp_path / "x")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "needs 'prompt' and 'completion'" in err[0] and "question, answer" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_model_name_resolves_to_the_cached_thinking_build(monkeypatch, tmp_path):
+    import algos.sft
+    from algos.models import resolve_model_path
+
+    built = []
+
+    def fake_run_sft(config):
+        built.append(config)  # nothing trained here: the recipe's wiring and the cache are what is checked
+        Path(config.output_dir).mkdir(parents=True)
+        (Path(config.output_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setenv("REPRO_RL_CACHE", str(tmp_path))
+    monkeypatch.setattr(algos.sft, "run_sft", fake_run_sft)
+    path = resolve_model_path("smollm2-135m-thinking")
+    assert len(built) == 1 and built[0].dataset == "thinking" and built[0].model_name_or_path is None
+    assert str(path).startswith(str(tmp_path)) and algos.sft.RECIPE_VERSION in str(path)
+    resolve_model_path("smollm2-135m-thinking")
+    assert len(built) == 1  # cached: not built again
