@@ -3,7 +3,8 @@
 * :func:`premature_exit_rates`: on labelled cue events of held-out problems (collected like the
   calibration events), the rate of exits among events where exiting is wrong (label 0),
   ``P(exit | label 0)``, which split conformal bounds by delta = 1 - c per event under
-  exchangeability (LYNX, arXiv 2512.05325); also the exit rate among safe events.
+  exchangeability (LYNX, arXiv 2512.05325), with a bootstrap interval over problems; also the exit
+  rate among safe events.
 * :func:`evaluate_decoding`: greedy online decoding of held-out problems, once without exits
   (:class:`probes.early_exit.NeverExit`, token for token what ``generate`` gives) and once per
   confidence with the probe attached; accuracy, mean generated tokens (exit string and answer
@@ -33,10 +34,27 @@ def _rate(mask: torch.Tensor) -> float:
     return float(mask.float().mean().item()) if mask.numel() else math.nan
 
 
+def bootstrap_rate_interval(hits: torch.Tensor, groups: torch.Tensor, level: float = 0.95,
+                            samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``hits.mean()`` resampling whole groups (problems) with
+    replacement: events of one rollout are correlated, so the problem is the unit (Efron & Tibshirani,
+    *An Introduction to the Bootstrap*, ch. 13). Returns (nan, nan) without events."""
+    if not hits.numel():
+        return math.nan, math.nan
+    ids, group_index = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(len(ids)).index_add_(0, group_index, torch.ones(len(hits)))
+    total = torch.zeros(len(ids)).index_add_(0, group_index, hits.float())
+    draws = torch.randint(len(ids), (samples, len(ids)), generator=torch.Generator().manual_seed(seed))
+    rates = total[draws].sum(1) / count[draws].sum(1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(rates, tail)), float(torch.quantile(rates, 1 - tail))
+
+
 @torch.no_grad()
 def premature_exit_rates(bundle, events, confidences) -> list[dict]:
-    """Per confidence c: delta, thresholds, premature-exit rate P(exit | label 0), exit rate of safe
-    events P(exit | label 1) and overall, on ``events`` (a :class:`probes.collect.EventSet`)."""
+    """Per confidence c: delta, thresholds, premature-exit rate P(exit | label 0) with a 95% bootstrap
+    interval over problems, exit rate of safe events P(exit | label 1) and overall, on ``events``
+    (a :class:`probes.collect.EventSet`)."""
     p = bundle.score(events.features) if len(events) else torch.zeros(0)
     safe = events.labels.bool()
     rows = []
@@ -45,8 +63,9 @@ def premature_exit_rates(bundle, events, confidences) -> list[dict]:
         exits = rule.should_exit(p)
         rows.append({"confidence": c, "delta": rule.delta, "q_safe": rule.q_safe, "q_continue": rule.q_continue,
                      "events": len(events), "continue_events": int((~safe).sum()), "safe_events": int(safe.sum()),
-                     "premature_exit_rate": _rate(exits[~safe]), "safe_exit_rate": _rate(exits[safe]),
-                     "exit_rate": _rate(exits)})
+                     "premature_exit_rate": _rate(exits[~safe]),
+                     "premature_exit_rate_ci95": bootstrap_rate_interval(exits[~safe], events.problem[~safe]),
+                     "safe_exit_rate": _rate(exits[safe]), "exit_rate": _rate(exits)})
     return rows
 
 
@@ -128,4 +147,4 @@ def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_
     return results
 
 
-__all__ = ["evaluate_decoding", "premature_exit_rates", "recompute_features"]
+__all__ = ["bootstrap_rate_interval", "evaluate_decoding", "premature_exit_rates", "recompute_features"]

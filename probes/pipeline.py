@@ -317,7 +317,9 @@ def format_summary(s: dict) -> str:
     if ev:
         lines.append("held-out events: premature-exit rate P(exit | exiting is wrong) vs delta")
         for r in ev["premature_exits"]:
-            lines.append(f"  c={r['confidence']:<5} rate {_f(r['premature_exit_rate'])} vs delta {r['delta']:.3f} "
+            lo, hi = r.get("premature_exit_rate_ci95", (math.nan, math.nan))
+            lines.append(f"  c={r['confidence']:<5} rate {_f(r['premature_exit_rate'])} [95% CI {_f(lo)}, {_f(hi)}] "
+                         f"vs delta {r['delta']:.3f} "
                          f"({r['continue_events']} continue events); safe events exiting {_f(r['safe_exit_rate'])}")
         lines.append("held-out decoding (greedy):")
         for r in ev["decoding"]:

@@ -2,7 +2,8 @@
 
 (a) generated tokens, sequences per prompt, Pass@k, Cons@k and PassRate of EAGER-init, EAGER-adapt,
     full EAGER (verifier = the gold answer) and full parallel sampling at the same M, on held-out
-    problems (default: 50 held-out problems of the quickstart's arithmetic task);
+    problems (default: 50 held-out problems of the quickstart's arithmetic task; --dataset thinking for the
+    thinking task's, with --model smollm2-135m-thinking);
 (b) wall time of the batched decoder versus the same algorithm run one prompt at a time.
 
     python scripts/bench_eager.py --model runs/quickstart_grpo/final --num_problems 50 --m 8
@@ -31,7 +32,8 @@ from rewards.verify import is_correct  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="HF id, local path or the default model")
-    ap.add_argument("--dataset", default="arithmetic", help="arithmetic (test split), gsm8k, or a dataset path")
+    ap.add_argument("--dataset", default="arithmetic",
+                    help="arithmetic or thinking (test split), gsm8k, or a dataset path")
     ap.add_argument("--arithmetic_digits", type=int, default=1)
     ap.add_argument("--arithmetic_operators", default="+-*")
     ap.add_argument("--arithmetic_test_fraction", type=float, default=0.7,
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--threshold", type=float, default=2.0, help="EAGER entropy threshold theta (nats)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing")
+    ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing (0 skips it)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     add_device_arguments(ap)
@@ -59,6 +61,8 @@ def main(argv=None):
     if args.dataset == "arithmetic":
         task = ArithmeticTask(args.arithmetic_digits, 2, args.arithmetic_operators, args.arithmetic_test_fraction)
         records = task.generate(args.num_problems, seed=args.seed, split="test")
+    elif args.dataset == "thinking":
+        records = load_records("thinking", split="test", n=args.num_problems, seed=args.seed)
     else:
         records = load_records(args.dataset)[-args.num_problems:]
     prompts = [build_prompt(tok, r["question"], args.prompt_template, None, True) for r in records]
@@ -95,6 +99,8 @@ def main(argv=None):
 
     # (b) batched across prompts vs one prompt at a time: same algorithm, same settings.
     n = min(args.timing_prompts, len(prompts))
+    if n == 0:
+        return
     sub_ids, sub_mask = ids[:n], mask[:n]
     t0 = time.perf_counter()
     batched = eager_generate(model, sub_ids, sub_mask, params, eos, generator=torch.Generator(device=device).manual_seed(1))

@@ -438,3 +438,17 @@ def test_answer_close_tracking(tok):
     ids = tok("12{3}}", add_special_tokens=False)["input_ids"]
     closed = [_closes(tok, t, depth, 0) for t in ids]
     assert closed == [False, False, False, False, False, True]  # "{3}" nests, the last "}" closes \boxed{
+
+
+def test_bootstrap_interval_resamples_problems_not_events():
+    from probes.evaluate import bootstrap_rate_interval
+
+    # one problem: every resample is that problem, so the interval is the point rate
+    assert bootstrap_rate_interval(torch.tensor([1, 0, 0, 1]), torch.zeros(4, dtype=torch.long)) == (0.5, 0.5)
+    # two problems, 1 event all exits vs 9 events none: a resample is {A,A}, {A,B} or {B,B}, so the
+    # rate is 1, 0.1 or 0; by problems the interval spans [0, 1] (by events it would sit near 0.1)
+    hits = torch.tensor([1] + [0] * 9)
+    groups = torch.tensor([0] + [1] * 9)
+    lo, hi = bootstrap_rate_interval(hits, groups)
+    assert lo == 0.0 and hi == 1.0
+    assert all(math.isnan(x) for x in bootstrap_rate_interval(torch.zeros(0), torch.zeros(0, dtype=torch.long)))
