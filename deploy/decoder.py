@@ -59,6 +59,11 @@ class DecodedSequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens decoded for this sequence: an EAGER child's prefix copied from its parent is not counted."""
+        return len(self.token_ids) - (self.fork_step or 0)
+
 
 @dataclass
 class DecodeOutput:
@@ -80,6 +85,11 @@ class DecodeOutput:
     @property
     def total_tokens(self) -> int:
         return sum(s.num_tokens for s in self.sequences)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens decoded in all (EAGER children count from their fork): the cost to compare with parallel sampling."""
+        return sum(s.generated_tokens for s in self.sequences)
 
 
 def _trim(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], str]:

@@ -1,6 +1,6 @@
 """EAGER benchmark, in one run:
 
-(a) generated tokens, sequences per prompt, Pass@k, Cons@k and PassRate of EAGER-init, EAGER-adapt,
+(a) generated tokens (a child's prefix copied from its parent is not counted), sequences per prompt, Pass@k, Cons@k and PassRate of EAGER-init, EAGER-adapt,
     full EAGER (verifier = the gold answer) and full parallel sampling at the same M, on held-out
     problems (default: 50 held-out problems of the quickstart's arithmetic task; --dataset thinking for the
     thinking task's, with --model smollm2-135m-thinking);
@@ -90,7 +90,7 @@ def main(argv=None):
         groups = [tok.batch_decode([s.token_ids for s in g], skip_special_tokens=True)
                   for g in result.per_prompt(len(prompts))]
         m = sample_metrics(groups, golds)
-        tokens = sum(len(s.token_ids) for s in result.sequences)
+        tokens = sum(s.generated_tokens for s in result.sequences)  # a child's copied prefix is not generated
         rows[mode] = tokens
         print(f"{mode:<14}{tokens:>9}{tokens / len(prompts):>12.1f}{m['samples_per_prompt']:>12.2f}"
               f"{m['pass_at_k']:>8.3f}{m['cons_at_k']:>8.3f}{m['pass_rate']:>10.3f}{wall:>8.1f}")

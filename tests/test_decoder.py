@@ -166,6 +166,7 @@ def test_eager_stops_branching_after_end_of_thinking(model, tok, spelling):
     assert all(s.token_ids[1:1 + len(marker)] == marker for s in out.sequences)
     forks = [s.fork_step for s in out.sequences if s.parent is not None]
     assert forks and all(step == 0 for step in forks), forks  # step 0 forks; none after the marker
+    assert out.generated_tokens == out.total_tokens  # forks at step 0 copy no prefix
 
 
 def test_end_think_ids_one_token_or_its_encodings(tok):

@@ -81,6 +81,9 @@ def test_forced_branch_child_shares_prefix_and_takes_top2(model, tok, monkeypatc
     prefix = torch.cat([ids, torch.tensor([parent.token_ids[:k]])], dim=1)
     top2 = model(prefix).logits[0, -1].topk(2).indices.tolist()
     assert parent.token_ids[k] == top2[0] and child.token_ids[k] == top2[1]
+    # cost counts generated tokens: the child's k copied prefix tokens are the parent's
+    assert parent.generated_tokens == len(parent.token_ids)
+    assert child.generated_tokens == len(child.token_ids) - k
 
 
 def test_kv_forked_child_equals_recomputing_it(model, tok, monkeypatch):

@@ -87,6 +87,11 @@ class EagerSequence:
     exit_index: int | None = None   # response index of the rolled-back cue token = thinking tokens kept
     exit_state: object = field(default=None, repr=False)
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens this sequence sampled itself: a child's prefix copied from its parent is not counted."""
+        return len(self.token_ids) - (self.fork_step or 0)
+
 
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
     """H = -sum_{i in top-k} p~_i log p~_i with p~ the softmax of the top-k logits, (R, V) -> (R,)."""
