@@ -88,7 +88,8 @@ class SearchResult:
     labels: list[int] | None            # y_l in {0, 1, 2}
     rewards: dict[Path, float]          # memo: every evaluated path
     simulations: int
-    stop_reason: str                    # "budget", "fixed_base_error", "short_correct_path", "exhausted"
+    stop_reason: str                    # "budget", "fixed_base_error", "short_correct_path", "exhausted",
+    #                                     "base_error_not_searched"
     tree_nodes: int = 0
     max_children: int = 0
     max_depth: int = 0
@@ -129,6 +130,8 @@ class _Memo:
         correct = reward >= self.cfg.correct_at
         if self.base_correct is None:
             self.base_correct = correct
+            if not correct and getattr(self.evaluator, "searches_base_errors", True) is False:
+                self.stop_reason = "base_error_not_searched"  # an evaluator that cannot see a fix
         elif self.cfg.early_stop and correct:
             if not self.base_correct:
                 self.stop_reason = "fixed_base_error"

@@ -81,7 +81,8 @@ class PathCache(Cache):
         if max_length >= 0:
             raise ValueError(f"PathCache.crop takes a negative number of tokens to remove, got {max_length}")
         for layer in self.layers:
-            layer.crop(max_length)
+            if layer.is_initialized:  # a slot no row uses was never written
+                layer.crop(max_length)
         self.seen_tokens = max(0, self.seen_tokens + max_length)
 
     def reorder_cache(self, index: torch.Tensor) -> None:

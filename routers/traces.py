@@ -27,7 +27,7 @@ from pathlib import Path
 from algos.device import dtype_name
 from algos.fingerprint import base_identity
 from routers.mcts import MCTSConfig, mcts_search
-from routers.path_eval import GenerationEvaluator
+from routers.path_eval import GenerationEvaluator, dense_completions
 from routers.routed_model import RoutedModel
 
 TRACE_FORMAT = "repro-rl/drllm-traces"
@@ -111,12 +111,15 @@ def open_traces(path: str | os.PathLike, header: dict) -> list[dict]:
 
 
 def search_example(routed: RoutedModel, tokenizer, index: int, record: dict, prompt: str,
-                   mcts: MCTSConfig, max_new_tokens: int, require_boxed: bool, make_evaluator=None) -> dict:
+                   mcts: MCTSConfig, max_new_tokens: int, require_boxed: bool, make_evaluator=None,
+                   **evaluator_options) -> dict:
     """Run MCTS for one example and return its trace line. ``make_evaluator`` (default
-    :class:`GenerationEvaluator`, same arguments) builds the path -> reward callable."""
+    :class:`GenerationEvaluator`; same positional arguments, then ``evaluator_options`` such as
+    ``draft``, ``verify_draft``, ``length_factor``, ``reward``) builds the path -> reward callable."""
     start = time.perf_counter()
     make_evaluator = make_evaluator or GenerationEvaluator
-    evaluator = make_evaluator(routed, tokenizer, prompt, record["answer"], max_new_tokens, require_boxed)
+    evaluator = make_evaluator(routed, tokenizer, prompt, record["answer"], max_new_tokens, require_boxed,
+                               **evaluator_options)
     cfg = MCTSConfig(**{**asdict(mcts), "seed": mcts.seed + index})
     result = mcts_search(evaluator, routed.num_layers, cfg)
     base = tuple(range(routed.num_layers))
@@ -129,6 +132,8 @@ def search_example(routed: RoutedModel, tokenizer, index: int, record: dict, pro
         "base_completion": evaluator.last_completions.get(base),
         "target_completion": None if target is None else evaluator.last_completions.get(target),
         "stop_reason": result.stop_reason, "simulations": result.simulations, "evaluations": result.evaluations,
+        "draft_accepted": getattr(evaluator, "draft_accepted", None),
+        "target_agreement": None if target is None else getattr(evaluator, "agreements", {}).get(target),
         "tree_nodes": result.tree_nodes, "max_children": result.max_children, "max_depth": result.max_depth,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -146,6 +151,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
         "num_layers": num_layers,
         "repeats_in_targets": sum(r["labels"].count(2) for r in kept),
         "evaluations": sum(r["evaluations"] for r in records),
+        "draft_accepted": sum(r.get("draft_accepted") or 0 for r in records),
         "seconds": round(sum(r["seconds"] for r in records), 1),
         "stop_reasons": dict(Counter(r["stop_reason"] for r in records)),
     }
@@ -156,21 +162,27 @@ def format_summary(s: dict) -> str:
             f"base correct {s['base_correct']}/{s['searched']}, base errors fixed {s['fixed_base_errors']}, "
             f"mean layers saved {s['mean_layers_saved']:.2f} of {s['num_layers']} "
             f"(target paths {s['mean_target_layers']:.2f} blocks, {s['repeats_in_targets']} repeats), "
-            f"{s['evaluations']} path evaluations in {s['seconds']:.0f} s, stops {s['stop_reasons']}")
+            f"{s['evaluations']} path evaluations ({s['draft_accepted']} kept the dense output, no decoding) in "
+            f"{s['seconds']:.0f} s, stops {s['stop_reasons']}")
 
 
 def collect_traces(routed: RoutedModel, tokenizer, records: Sequence[dict], prompts: Sequence[str],
                    path: str | os.PathLike, settings: dict, mcts: MCTSConfig | None = None,
                    max_new_tokens: int = 15, require_boxed: bool = True, progress: bool = True,
-                   make_evaluator=None) -> list[dict]:
+                   make_evaluator=None, evaluator_options: dict | None = None,
+                   draft_batch_size: int = 8) -> list[dict]:
     """Search every example not yet in ``path`` and append its trace; returns the traces of
-    ``records`` (in order). ``settings`` (dataset, prompt template, ...) go into the header."""
+    ``records`` (in order). ``settings`` (dataset, prompt template, ...) and ``evaluator_options``
+    go into the header. With the default evaluator the dense completions are generated first, in
+    batches of ``draft_batch_size``, and handed to each search as its draft."""
     from tqdm.auto import tqdm
 
     if len(records) != len(prompts):
         raise ValueError(f"{len(records)} records but {len(prompts)} prompts")
     mcts = mcts or MCTSConfig()
-    settings = {**settings, "max_new_tokens": max_new_tokens, "require_boxed": require_boxed}
+    evaluator_options = dict(evaluator_options or {})
+    settings = {**settings, "max_new_tokens": max_new_tokens, "require_boxed": require_boxed,
+                "evaluator": evaluator_options}
     header = trace_header(routed.model, settings, mcts)
     done = {r["index"]: r for r in open_traces(path, header)}
     for i, record in enumerate(records):
@@ -180,10 +192,16 @@ def collect_traces(routed: RoutedModel, tokenizer, records: Sequence[dict], prom
     todo = [i for i in range(len(records)) if i not in done]
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="MCTS search", unit="ex",
                disable=not progress, dynamic_ncols=True)
+    drafts: dict[int, object] = {}
     with open(path, "a") as f:
-        for i in todo:
+        for n, i in enumerate(todo):
+            if make_evaluator is None and i not in drafts:  # the next batch of dense completions
+                batch = todo[n:n + draft_batch_size]
+                drafts = dict(zip(batch, dense_completions(routed, tokenizer, [prompts[j] for j in batch],
+                                                           max_new_tokens, draft_batch_size)))
+            options = {**evaluator_options, **({"draft": drafts[i]} if make_evaluator is None else {})}
             trace = search_example(routed, tokenizer, i, records[i], prompts[i], mcts, max_new_tokens,
-                                   require_boxed, make_evaluator)
+                                   require_boxed, make_evaluator, **options)
             f.write(json.dumps(trace) + "\n")
             f.flush()
             os.fsync(f.fileno())

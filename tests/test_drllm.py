@@ -312,6 +312,9 @@ class _CharTokenizer:
     def batch_decode(self, rows, skip_special_tokens=True):
         return ["".join(chr(ord("a") + int(t) % 26) for t in row if int(t) >= 3) for row in rows]
 
+    def decode(self, row, skip_special_tokens=True):
+        return self.batch_decode([row])[0]
+
 
 def test_generation_evaluator_batches_paths_like_single_calls(routed):
     tok = _CharTokenizer()
@@ -363,3 +366,83 @@ def test_qwen_families_match_hf_generate_and_mix_paths(family, extra):
         for b, n in enumerate(lengths):
             alone = routed(ids[b:b + 1, -n:], mask[b:b + 1, -n:], actions=paths[b]).logits
             assert torch.allclose(mixed[b, -n:], alone[0], atol=1e-5)
+
+
+def _plain_greedy(routed, ev, path, max_new_tokens):
+    out = routed.generate(ev.input_ids, ev.attention_mask, actions=[list(path)], max_new_tokens=max_new_tokens,
+                          pad_token_id=PAD)
+    return ev._trim(out.sequences[0, ev.input_ids.shape[1]:]).tolist()
+
+
+def test_draft_verified_completions_equal_plain_greedy_decoding(routed):
+    """Every path's draft-verified completion is its own greedy decode: accepted drafts, misses at
+    the first token, misses later (then decoding continues from the cropped cache), EOS endings."""
+    import random
+
+    tok = _CharTokenizer()
+    ev = GenerationEvaluator(routed, tok, "what is 2+2", gold="4", max_new_tokens=12)
+    dense = tuple(range(L))
+    ev.completion_ids([dense])
+    assert ev.draft is not None and ev.draft.tolist() == _plain_greedy(routed, ev, dense, 12)
+    rng = random.Random(0)
+    paths = [dense, (0, 1, 2), (0, 2, 3), (1, 2, 3), (0, 0, 1, 2, 3), (0, 1, 2, 3, 3), (3,), (0, 1, 1, 3)]
+    paths += [tuple(sorted(rng.sample(range(L), rng.randint(1, L)))) for _ in range(12)]
+    misses = []
+    for path in paths:
+        got = ev.completion_ids([path])[0].tolist()
+        assert got == _plain_greedy(routed, ev, path, 12), path
+        common = next((i for i, (a, b) in enumerate(zip(got, ev.draft.tolist())) if a != b), None)
+        misses.append(common)
+    assert ev._verified(dense).tolist() == ev.draft.tolist() and ev.draft_accepted == 1  # a full accept
+    assert any(m == 0 for m in misses) and any(m not in (None, 0) for m in misses)  # both miss branches ran
+
+
+def test_length_factor_bounds_a_diverging_path_to_a_prefix_of_its_greedy_decode(routed):
+    tok = _CharTokenizer()
+    ev = GenerationEvaluator(routed, tok, "what is 2+2", gold="4", max_new_tokens=80, length_factor=0.1)
+    dense = tuple(range(L))
+    ev.completion_ids([dense])
+    bound = max(32, -(-len(ev.draft) * 1 // 10))
+    for path in [(0, 2, 3), (1, 2, 3), (3,)]:
+        got = ev.completion_ids([path])[0].tolist()
+        full = _plain_greedy(routed, ev, path, 80)
+        assert len(got) <= bound and got == full[:len(got)]
+        assert len(got) == min(bound, len(full))
+    with pytest.raises(ValueError, match="length_factor"):
+        GenerationEvaluator(routed, tok, "x", gold="4", length_factor=0)
+
+
+def test_agreement_reward_by_hand(routed):
+    """reward = dense right and teacher-forced agreement >= min and the answer kept; base errors unsearched."""
+    tok = _CharTokenizer()
+    dense = tuple(range(L))
+    ev = GenerationEvaluator(routed, tok, "what is 2+2", gold="x", max_new_tokens=12, reward="agreement",
+                             min_agreement=0.5)
+    text = ev.completions([dense])[0]
+    ev._dense_text, ev._dense_right = text, True  # a random model writes no right answer: take it as right
+    assert ev(dense) == 1.0
+    for path in [(0, 1, 2), (1, 2, 3), (3,), (0, 0, 1, 2, 3)]:
+        ids = torch.cat([ev.input_ids, ev.draft[None]], dim=1)
+        logits = routed(ids, torch.ones_like(ids), actions=[list(path)]).logits[0]
+        P, D = ev.input_ids.shape[1], len(ev.draft)
+        same = logits[P - 1:P + D - 1].argmax(-1) == ev.draft
+        want = float(same.float().mean() >= 0.5 and bool(same[ev.answer_start():].all()))
+        assert ev(path) == want and ev.agreements[path] == pytest.approx(float(same.float().mean()))
+    wrong = GenerationEvaluator(routed, tok, "what is 2+2", gold="never", max_new_tokens=12, reward="agreement")
+    assert wrong.searches_base_errors is False and wrong(dense) == 0.0 and wrong((0, 1, 2)) == 0.0
+    from routers.mcts import MCTSConfig, mcts_search
+    result = mcts_search(GenerationEvaluator(routed, tok, "what is 2+2", gold="never", max_new_tokens=12,
+                                             reward="agreement"), L, MCTSConfig(simulations=5))
+    assert result.stop_reason == "base_error_not_searched" and result.evaluations == 1 and result.target is None
+
+
+def test_batched_dense_completions_are_the_drafts(routed):
+    from routers.path_eval import dense_completions
+
+    tok = _CharTokenizer()
+    prompts = ["what is 2+2", "3+4", "a longer question here"]
+    rows = dense_completions(routed, tok, prompts, 8, batch_size=2)
+    for prompt, row in zip(prompts, rows):
+        ev = GenerationEvaluator(routed, tok, prompt, gold="4", max_new_tokens=8, draft=row)
+        alone = GenerationEvaluator(routed, tok, prompt, gold="4", max_new_tokens=8)
+        assert ev.completion_ids([tuple(range(L))])[0].tolist() == alone.completion_ids([tuple(range(L))])[0].tolist()

@@ -64,7 +64,7 @@ class StubEvaluator:
 
     built = 0
 
-    def __init__(self, routed, tokenizer, prompt, gold, max_new_tokens, require_boxed):
+    def __init__(self, routed, tokenizer, prompt, gold, max_new_tokens, require_boxed, **evaluator_options):
         type(self).built += 1
         self.gold, self.last_completions = gold, {}
 
@@ -274,8 +274,8 @@ def test_entry_point_search_train_eval_export_and_resume(tiny_model_path, tmp_pa
     from train import drllm_router
 
     class KeepBlockZero(StubEvaluator):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.gold = "0"
 
     monkeypatch.setattr(routers.traces, "GenerationEvaluator", KeepBlockZero)

@@ -52,6 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_new_tokens", type=int, default=None,
       help="greedy tokens per path evaluation and per eval answer; default 15 (the paper's, for short answers), "
            f"{THINKING_EVAL_TOKENS} for a thinking model (</think>), which must think before it answers")
+    a("--verify_draft", type=_parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
+      help="evaluate a path by checking the dense completion in one teacher-forced forward and decoding only from "
+           "the first disagreement (the same greedy output up to float ties; routers/path_eval.py)")
+    a("--path_length_factor", type=float, default=2.0,
+      help="a path's greedy evaluation stops after max(32, factor x the dense completion's length) new tokens "
+           "(within --max_new_tokens); 0 = no bound")
+    a("--path_reward", choices=["generation", "agreement"], default="generation",
+      help="a path's MCTS reward: 'generation' = its greedy answer is correct (the paper's); 'agreement' = one "
+           "teacher-forced forward keeps >= --min_agreement of the dense completion's tokens and all of its answer "
+           "(for thinking models; base errors are not searched)")
+    a("--min_agreement", type=float, default=0.95, help="--path_reward agreement: the share of tokens to keep")
     a("--simulations", type=int, default=50, help="MCTS simulations per example")
     a("--mcts_c", type=float, default=1.8, help="UCB exploration constant c")
     a("--length_penalty", type=float, default=3.0, help="UCB length penalty lambda (times |path| / L)")
@@ -80,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.num_eval_samples >= 0, "--num_eval_samples must be >= 0"),
         (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
         (args.simulations >= 1, "--simulations must be >= 1"),
+        (args.path_length_factor >= 0, "--path_length_factor must be >= 0 (0 = no bound)"),
+        (0.0 < args.min_agreement <= 1.0, "--min_agreement must lie in (0, 1]"),
         (args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch_size must be >= 1"),
         (0.0 <= args.val_fraction < 1.0, "--val_fraction must lie in [0, 1)"),
         (0.0 <= args.random_child_prob <= 1.0, "--random_child_prob must lie in [0, 1]"),
@@ -175,8 +188,8 @@ def run(args) -> dict:
 
     # 1. MCTS search (resumable)
     t0 = time.perf_counter()
-    print(f"[drllm 1/4] MCTS search: {args.simulations} simulations per example, {args.max_new_tokens} new tokens "
-          "per path evaluation", flush=True)
+    print(f"[drllm 1/4] MCTS search: {args.simulations} simulations per example, path reward '{args.path_reward}', "
+          f"{args.max_new_tokens} new tokens per dense completion", flush=True)
     prompts = [build_prompt(tokenizer, r["question"], template) for r in search_records]
     settings = {"dataset": args.dataset, "seed": args.seed, "prompt_template": template}
     if args.dataset == "arithmetic":
@@ -184,7 +197,11 @@ def run(args) -> dict:
     mcts = MCTSConfig(simulations=args.simulations, c=args.mcts_c, length_penalty=args.length_penalty,
                       random_child_prob=args.random_child_prob, early_stop=args.early_stop, seed=args.seed)
     traces = collect_traces(routed, tokenizer, search_records, prompts, out_dir / "traces.jsonl", settings, mcts,
-                            args.max_new_tokens, args.require_boxed, progress=args.progress)
+                            args.max_new_tokens, args.require_boxed, progress=args.progress,
+                            evaluator_options={"verify_draft": args.verify_draft,
+                                               "length_factor": args.path_length_factor or None,
+                                               "reward": args.path_reward, "min_agreement": args.min_agreement},
+                            draft_batch_size=args.eval_batch_size)
     search_summary = summarize(traces, L)
     timings["search_s"] = round(time.perf_counter() - t0, 1)
     print(f"[drllm] search: {format_summary(search_summary)}", flush=True)
