@@ -259,7 +259,10 @@ def test_entry_point_bad_flags_one_line(capsys):
     from train.drllm_router import parse_args
 
     for argv, needle in ((["--p", "2"], "--p must lie in [-1, 1]"), (["--simulations", "0"], "--simulations"),
-                         (["--prompt_template", "no field"], "{question}")):
+                         (["--prompt_template", "no field"], "{question}"),
+                         (["--min_agreement", "1.5"], "--min_agreement must lie in (0, 1]"),
+                         (["--path_length_factor", "-1"], "--path_length_factor must be >= 0"),
+                         (["--path_reward", "exact"], "--path_reward")):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
         assert exit_info.value.code == 2
