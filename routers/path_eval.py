@@ -74,7 +74,7 @@ class GenerationEvaluator:
 
     With ``verify_draft`` (default) the first generation of the dense path becomes the draft that
     later paths are verified against (module docstring); ``draft_accepted`` counts the paths whose
-    completion was the draft without decoding a token."""
+    completion was the draft without decoding a token (full agreement, with ``reward="agreement"``)."""
 
     def __init__(self, routed: RoutedModel, tokenizer, prompt: str, gold: str, max_new_tokens: int = 15,
                  require_boxed: bool = True, verify_draft: bool = True, length_factor: float | None = None,
@@ -210,6 +210,7 @@ class GenerationEvaluator:
             return 0.0
         share, answer_same = self.agreement(path)
         self.agreements[tuple(path)] = share
+        self.draft_accepted += share == 1.0  # full agreement: the path's greedy output is the draft
         self.last_completions[tuple(path)] = dense_text if share == 1.0 else None
         return float(share >= self.min_agreement and answer_same)
 

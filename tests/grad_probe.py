@@ -15,6 +15,7 @@ from algos.batch import RolloutBatch  # noqa: E402
 from algos.config import RLConfig  # noqa: E402
 from algos.trainer import RLTrainer  # noqa: E402
 from rewards import RewardOutput  # noqa: E402
+from train.cli import close_process_group  # noqa: E402
 
 # The global batch: 3 groups of 2. Rows 0-3 (groups 0, 1) are short, rows 4-5 (group 2) long, so
 # process 0 holds 4 sequences of 2 tokens (8 tokens) and process 1 2 sequences of 24 (48 tokens).
@@ -57,6 +58,7 @@ def main(model, out, algorithm, loss_type, scale):
     trainer.training_step()
     if acc.is_main_process:
         torch.save(grads, out)
+    close_process_group()
 
 
 if __name__ == "__main__":

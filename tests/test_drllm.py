@@ -428,6 +428,7 @@ def test_agreement_reward_by_hand(routed):
         same = logits[P - 1:P + D - 1].argmax(-1) == ev.draft
         want = float(same.float().mean() >= 0.5 and bool(same[ev.answer_start():].all()))
         assert ev(path) == want and ev.agreements[path] == pytest.approx(float(same.float().mean()))
+    assert ev.draft_accepted == sum(share == 1.0 for share in ev.agreements.values())
     wrong = GenerationEvaluator(routed, tok, "what is 2+2", gold="never", max_new_tokens=12, reward="agreement")
     assert wrong.searches_base_errors is False and wrong(dense) == 0.0 and wrong((0, 1, 2)) == 0.0
     from routers.mcts import MCTSConfig, mcts_search

@@ -128,7 +128,21 @@ def main_guard(run, argv=None):
     except ImportError:
         pass
     try:
-        return run()
+        result = run()
     except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    close_process_group()
+    return result
+
+
+def close_process_group() -> None:
+    """Leave a multi-process run cleanly: wait for every process, then destroy the process group
+    (exiting with gloo's threads alive can abort with "terminate called without an active exception")."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
