@@ -60,7 +60,7 @@ def dense_completions(routed: RoutedModel, tokenizer, prompts: Sequence[str], ma
     """Greedy new tokens of each prompt on the dense path, in left-padded batches (pads after EOS kept;
     :class:`GenerationEvaluator` trims them)."""
     rows = []
-    dense = list(range(routed.num_layers))
+    dense = list(default_path(routed.num_layers))
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_left_padded(tokenizer, prompts[start:start + batch_size], routed.device)
         out = routed.generate(ids, mask, actions=dense, max_new_tokens=max_new_tokens,
@@ -86,7 +86,6 @@ class GenerationEvaluator:
         if not 0.0 < min_agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in (0, 1], got {min_agreement}")
         self.reward, self.min_agreement = reward, min_agreement
-        self.searches_base_errors = reward == "generation"
         self.agreements: dict[tuple[int, ...], float] = {}
         self.routed, self.tokenizer, self.gold = routed, tokenizer, str(gold)
         self.max_new_tokens, self.require_boxed = max_new_tokens, require_boxed
@@ -106,6 +105,11 @@ class GenerationEvaluator:
         self.draft_accepted = 0
         self.last_completions: dict[tuple[int, ...], str] = {}
 
+    @property
+    def searches_base_errors(self) -> bool:
+        """Whether a path can fix a wrong dense answer here (only a generated answer can change)."""
+        return self.reward == "generation"
+
     def _trim(self, new: torch.Tensor) -> torch.Tensor:
         """A row of new tokens up to and including its first EOS (the pads after it dropped)."""
         for i, t in enumerate(new.tolist()):
@@ -118,16 +122,20 @@ class GenerationEvaluator:
             return self.max_new_tokens
         return min(self.max_new_tokens, max(32, math.ceil(self.length_factor * len(self.draft))))
 
+    def _teacher_forced(self, path: Sequence[int], cache=None):
+        """(routed output, argmax at each draft position) of one forward over prompt + draft under ``path``."""
+        ids = torch.cat([self.input_ids, self.draft[None]], dim=1)
+        out = self.routed(ids, torch.ones_like(ids), actions=[list(path)], past_key_values=cache,
+                          logits_to_keep=len(self.draft) + 1)
+        return out, out.logits[0, :len(self.draft)].argmax(-1)
+
     @torch.no_grad()
     def _verified(self, path: Sequence[int]) -> torch.Tensor:
         """Greedy new tokens under ``path``: the draft checked in one forward, decoding from the first miss."""
-        draft, prompt = self.draft, self.input_ids
-        P, D = prompt.shape[1], len(draft)
+        draft = self.draft
+        P, D = self.input_ids.shape[1], len(draft)
         cache = self.routed.new_cache()
-        ids = torch.cat([prompt, draft[None]], dim=1)
-        out = self.routed(ids, torch.ones_like(ids), actions=[list(path)], past_key_values=cache,
-                          logits_to_keep=D + 1)
-        preds = out.logits[0, :D].argmax(-1)
+        out, preds = self._teacher_forced(path, cache)
         misses = (preds != draft).nonzero()
         if not len(misses):
             self.draft_accepted += 1
@@ -163,10 +171,7 @@ class GenerationEvaluator:
     def agreement(self, path: Sequence[int]) -> tuple[float, bool]:
         """(share of draft positions where the path's teacher-forced argmax is the draft token,
         whether it is at every answer position)."""
-        draft, prompt = self.draft, self.input_ids
-        ids = torch.cat([prompt, draft[None]], dim=1)
-        out = self.routed(ids, torch.ones_like(ids), actions=[list(path)], logits_to_keep=len(draft) + 1)
-        same = out.logits[0, :len(draft)].argmax(-1) == draft
+        same = self._teacher_forced(path)[1] == self.draft
         return float(same.float().mean()), bool(same[self.answer_start():].all())
 
     def completion_ids(self, paths: Sequence[Sequence[int]]) -> list[torch.Tensor]:
