@@ -136,6 +136,10 @@ class RLConfig:
                                          "(rows x longest row; long completions then run in smaller "
                                          "pieces, the gradient unchanged). 0: no cap. Ignored under "
                                          "DeepSpeed, which expects one backward per micro-batch.")
+    logprobs_chunk_size: int = _f(1024, "Compute log-probs and entropies from the last hidden states, this "
+                                  "many tokens of logits at a time (recomputed in the backward pass), "
+                                  "instead of the full (B, T, vocab) logits: the memory of long "
+                                  "completions. 0: full logits.")
     steps_per_generation: int = _f(1, "Optimizer steps per rollout batch and iteration. A rollout batch "
                                    "holds per_device_train_batch_size x gradient_accumulation_steps x "
                                    "steps_per_generation completions per process.")
@@ -283,6 +287,8 @@ class RLConfig:
                 "clips whole sequences: set it to 0")
         if self.dynamic_sampling and self.num_generations < 2:
             bad("dynamic_sampling", "compares the completions of a prompt: use num_generations >= 2")
+        if self.logprobs_chunk_size < 0:
+            bad("logprobs_chunk_size", "must be >= 0 (0: full logits)")
         if self.max_tokens_per_micro_batch < 0:
             bad("max_tokens_per_micro_batch", "must be >= 0 (0: no cap)")
         if self.dynamic_sampling_max_rounds < 1:

@@ -4,8 +4,10 @@ float32 log-softmax copy of the vocabulary for low-precision inputs."""
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["entropy_from_hidden", "entropy_from_logits", "logprobs_from_hidden", "logprobs_from_logits"]
+__all__ = ["entropy_from_hidden", "entropy_from_logits", "logits_to_keep", "logprobs_from_hidden",
+           "logprobs_from_logits", "response_logprobs"]
 
 
 def _rows(logits: torch.Tensor):
@@ -57,87 +59,91 @@ def entropy_from_logits(logits: torch.Tensor, finite: bool = False) -> torch.Ten
 # --------------------------------------------------------------------------- from hidden states
 # Long completions: the (B, T, V) logits of a 49k vocabulary are 0.2 MB per token in float32, and
 # autograd keeps them (and their log-softmax) for the backward pass. These functions go from the
-# last hidden states and the lm_head weight to per-token log-probs, ``chunk_size`` tokens at a time,
-# and recompute each chunk's logits in the backward pass: the peak is one (chunk, V) block.
+# last hidden states through the model's own output layer to per-token log-probs, ``chunk_size``
+# tokens at a time. Each chunk is checkpointed (torch.utils.checkpoint, non-reentrant): its logits
+# are recomputed in the backward pass, so the peak is a few (chunk, V) blocks, whatever T is. The
+# head is called as a module, so autocast, LoRA on the head, DDP's gradient hooks and DeepSpeed
+# ZeRO-3's parameter gathering all apply as in the model's own forward (Liger-Kernel's fused linear
+# cross-entropy does the same job with a fused kernel).
 
 DEFAULT_CHUNK = 1024
 
 
-class _ChunkedLogprob(torch.autograd.Function):
-    """logp = z[y] - logsumexp(z), z = (h W^T + b) / T, per chunk of rows; backward recomputes z:
-    d logp / dz = onehot(y) - softmax(z) (the usual softmax cross-entropy gradient)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size):
-        device_type = hidden.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for lo in range(0, hidden.shape[0], chunk_size):
-            z = _chunk_logits(hidden[lo:lo + chunk_size], weight, bias, temperature)
-            picked = z.gather(-1, labels[lo:lo + chunk_size, None]).squeeze(-1)
-            out[lo:lo + chunk_size] = picked - torch.logsumexp(z, dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, labels = ctx.saved_tensors
-        device_type, enabled, autocast_dtype = ctx.autocast
-        mm_dtype = autocast_dtype if enabled else weight.dtype  # the precision of the forward's matmul
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
-        for lo in range(0, hidden.shape[0], ctx.chunk_size):
-            h, y = hidden[lo:lo + ctx.chunk_size], labels[lo:lo + ctx.chunk_size, None]
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
-                z = _chunk_logits(h, weight, bias, ctx.temperature)
-            g = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_().neg_()  # -softmax(z), in z's memory
-            g.scatter_add_(-1, y, torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[lo:lo + ctx.chunk_size, None] / ctx.temperature)  # d loss / d (h W^T + b)
-            if need_h:
-                grad_h[lo:lo + ctx.chunk_size] = (g.to(mm_dtype) @ weight.to(mm_dtype)).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.to(mm_dtype).t() @ h.to(mm_dtype)).float()
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            del z, g  # one (chunk, V) block at a time
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+def _chunk_logprobs(head, h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(head(h) / T)[y] for one chunk of rows: z[y] - logsumexp(z), in float32."""
+    z = head(h).float()
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    """(C, V) float32 logits of a chunk of rows, divided by the temperature (the matmul in the
-    caller's autocast precision, as the model's own lm_head would run)."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
-    return z / temperature if temperature != 1.0 else z
-
-
-def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         bias: torch.Tensor | None = None, temperature: float = 1.0,
-                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """log softmax((h W^T + b) / T)[labels] for hidden (..., H), labels (...): float32, shape ``labels.shape``.
-
-    Equal to ``logprobs_from_logits(lm_head(hidden).float() / T, labels)``, with a gradient for
-    ``hidden``, ``weight`` and ``bias``, but never more than ``chunk_size`` rows of logits exist at
-    once, in the forward or the backward pass (the backward recomputes them)."""
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
+def _check(hidden: torch.Tensor, temperature: float, chunk_size: int):
     if temperature <= 0 or chunk_size < 1:
         raise ValueError(f"temperature must be > 0 and chunk_size >= 1, got {temperature} and {chunk_size}")
-    flat = _ChunkedLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                 labels.reshape(-1).long(), float(temperature), int(chunk_size))
-    return flat.view(labels.shape)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, head, labels: torch.Tensor, *, temperature: float = 1.0,
+                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[labels] for hidden (..., H), labels (...): float32, shape ``labels.shape``.
+
+    ``head`` maps (C, H) to (C, V) logits: the model's output layer (``algos.models.output_head``).
+    Equal to ``logprobs_from_logits(head(hidden).float() / T, labels)`` with the same gradients, but
+    no more than ``chunk_size`` rows of logits exist at once, in the forward or the backward pass.
+    Up to ``chunk_size`` rows in all are one chunk without recomputation (no memory to save)."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
+    flat, ys = _check(hidden, temperature, chunk_size), labels.reshape(-1).long()
+    if not torch.is_grad_enabled() or flat.shape[0] <= chunk_size:  # one chunk: kept for the backward, as full logits
+        parts = [_chunk_logprobs(head, flat[lo:lo + chunk_size], ys[lo:lo + chunk_size], temperature)
+                 for lo in range(0, flat.shape[0], chunk_size)]
+    else:
+        parts = [checkpoint(_chunk_logprobs, head, flat[lo:lo + chunk_size], ys[lo:lo + chunk_size],
+                            temperature, use_reentrant=False)
+                 for lo in range(0, flat.shape[0], chunk_size)]
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+    return out.view(labels.shape)
 
 
 @torch.no_grad()
-def entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
-                        temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Entropy of softmax((h W^T + b) / T), shape ``hidden.shape[:-1]``, float32, no gradient
+def entropy_from_hidden(hidden: torch.Tensor, head, *, temperature: float = 1.0,
+                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Entropy of softmax(head(hidden) / T), shape ``hidden.shape[:-1]``, float32, no gradient
     (the trainer logs it); ``chunk_size`` rows of logits at a time (:func:`entropy_from_logits`)."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = [entropy_from_logits(_chunk_logits(flat[lo:lo + chunk_size], weight, bias, temperature), finite=True)
-           for lo in range(0, flat.shape[0], chunk_size)]
+    flat = _check(hidden, temperature, chunk_size)
+    out = []
+    for lo in range(0, flat.shape[0], chunk_size):
+        z = head(flat[lo:lo + chunk_size]).float()
+        out.append(entropy_from_logits(z / temperature if temperature != 1.0 else z, finite=True))
     return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)).view(hidden.shape[:-1])
+
+
+def logits_to_keep(keep: int, chunked: bool, device) -> int | torch.Tensor:
+    """transformers' ``logits_to_keep`` for a pass that needs the last ``keep`` positions: ``keep``
+    for logits, or an empty index (no logits at all) when the caller chunks the output layer."""
+    return torch.empty(0, dtype=torch.long, device=device) if chunked else keep
+
+
+def response_logprobs(output, head, response_ids: torch.Tensor, *, temperature: float = 1.0,
+                      chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
+    """(log-probs (B, T), entropies (B, T) or None) of the response tokens, from a causal LM's
+    output over prompt + response with the last T + 1 positions kept (position t predicts token t).
+
+    With ``head`` (the model's output layer) from ``output.hidden_states[-1]``, ``chunk_size``
+    tokens of logits at a time; without it from ``output.logits``. Logits are divided by T."""
+    steps = response_ids.shape[1]
+    if head is not None:
+        hidden = output.hidden_states[-1][:, -(steps + 1):-1]
+        logp = logprobs_from_hidden(hidden, head, response_ids, temperature=temperature, chunk_size=chunk_size)
+        entropy = (entropy_from_hidden(hidden.detach(), head, temperature=temperature, chunk_size=chunk_size)
+                   if with_entropy else None)
+        return logp, entropy
+    logits = output.logits[:, -(steps + 1):-1].float()
+    if temperature != 1.0:  # a (B, T, V) copy and its gradient saved at T = 1
+        logits = logits / temperature
+    logp = logprobs_from_logits(logits, response_ids)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), finite=True)
+    return logp, entropy

@@ -146,11 +146,12 @@ def model_identity(model) -> dict:
     }
 
 
-def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (V, H), bias or None) of a causal LM's output layer (a PEFT wrapper's base model's),
-    what :func:`algos.logprobs.logprobs_from_hidden` takes with the last hidden states."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"the output layer is a {type(head).__name__}, not a plain Linear (a LoRA on lm_head?): "
-                         "use the full-logits path for this model")
-    return head.weight, head.bias
+def output_head(model) -> torch.nn.Module | None:
+    """The module that maps a causal LM's last hidden states to its logits (a PEFT wrapper's base
+    model's, with any adapter on it), what :func:`algos.logprobs.logprobs_from_hidden` takes; None
+    when the model changes its logits after that layer (Gemma-2's soft-capping, Cohere's logit
+    scale), which only the full-logits path reproduces."""
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    return model.get_output_embeddings()

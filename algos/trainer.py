@@ -35,10 +35,10 @@ from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
 from algos.importance import engine_is_weights
 from algos.kl import kl_estimate
-from algos.logprobs import entropy_from_logits, logprobs_from_logits
+from algos.logprobs import logits_to_keep, response_logprobs
 from algos.losses import aggregate, aggregation_denominator, policy_loss, value_loss
 from algos.micro_batching import token_budget_batches
-from algos.models import load_causal_lm, load_tokenizer, resolve_model_path
+from algos.models import load_causal_lm, load_tokenizer, output_head, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
@@ -375,28 +375,29 @@ class RLTrainer:
         """Per-token log-probs of the response tokens (tempered logits), values for PPO and, when asked,
         the entropy of each step's tempered distribution (detached), all (B, T) or None. Columns that
         are padding in every row are cut before the pass (``trim_padding``)
-        and the outputs padded back with zeros."""
+        and the outputs padded back with zeros. With ``logprobs_chunk_size`` the model returns its
+        last hidden states, not logits, and the output layer runs a chunk of tokens at a time
+        (``algos.logprobs.logprobs_from_hidden``)."""
         c = self.config
         prompt_ids, prompt_mask, response_ids, response_mask = trim_padding(batch)
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)
         mask = torch.cat([prompt_mask, response_mask], dim=1)
         positions = position_ids_from_mask(mask)
         keep = response_ids.shape[1] + 1
+        unwrapped = self.accelerator.unwrap_model(model)
+        actor_critic = isinstance(unwrapped, ActorCritic)
+        head = output_head(unwrapped.policy if actor_critic else unwrapped) if c.logprobs_chunk_size else None
+        keep_arg = logits_to_keep(keep, head is not None, input_ids.device)
         values = None
-        if isinstance(self.accelerator.unwrap_model(model), ActorCritic):
-            logits, values = model(input_ids, mask, positions, keep)
+        if actor_critic:
+            out, values = model(input_ids, mask, positions, keep, logits=keep_arg)
             values = values[:, :-1]
         else:
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep, use_cache=False).logits
-        logits = logits[:, :-1].float()
-        if c.temperature != 1.0:  # a (B, T, V) copy and its gradient saved at T = 1
-            logits = logits / c.temperature
-        logp = logprobs_from_logits(logits, response_ids)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach(), finite=True) * response_mask
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        logits_to_keep=keep_arg, use_cache=False, output_hidden_states=head is not None)
+        logp, entropy = response_logprobs(out, head, response_ids, temperature=c.temperature,
+                                          chunk_size=c.logprobs_chunk_size, with_entropy=with_entropy)
+        entropy = entropy * response_mask if entropy is not None else None
         cut = batch.response_ids.shape[1] - response_ids.shape[1]
         if cut:
             logp = torch.nn.functional.pad(logp, (0, cut))

@@ -28,15 +28,19 @@ class ActorCritic(nn.Module):
         own = [] if self.critic_backbone is None else list(self.critic_backbone.parameters())
         return own + list(self.value_head.parameters())
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
-        """(policy logits of the last ``logits_to_keep`` positions, values at the same positions)."""
+    def forward(self, input_ids, attention_mask, position_ids, keep: int, logits=None):
+        """(the policy's output, values (B, keep) at the last ``keep`` positions). ``logits`` is
+        the policy's ``logits_to_keep`` (default ``keep``); the output carries the hidden states when
+        the caller asks for no logits (an empty index) or the critic shares the backbone."""
+        logits = keep if logits is None else logits
+        want_hidden = self.shared_backbone or not isinstance(logits, int)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, logits_to_keep=logits_to_keep,
-                          use_cache=False, output_hidden_states=self.shared_backbone)
+                          position_ids=position_ids, logits_to_keep=logits,
+                          use_cache=False, output_hidden_states=want_hidden)
         if self.shared_backbone:
             hidden = out.hidden_states[-1]
         else:
             hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=False).last_hidden_state
-        values = self.value_head(hidden[:, -logits_to_keep:]).squeeze(-1)
-        return out.logits, values.float()
+        values = self.value_head(hidden[:, -keep:]).squeeze(-1)
+        return out, values.float()

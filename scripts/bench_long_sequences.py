@@ -7,11 +7,14 @@ One step = forward + backward of a GRPO-style policy loss, -mean_t(A * log p(y_t
 rows of a ``--prompt_length``-token prompt and an L-token completion (random token ids, fixed seed), with
 the model's weights in float32 and the forward under autocast in ``--dtype`` (as the trainer's --bf16):
 
-* full (today's trainer): ``model(..., logits_to_keep=L + 1).logits[:, :-1].float() / T`` and
-  ``algos.logprobs.logprobs_from_logits``: the (B, L, V) logits exist in float32, and autograd keeps them;
-* chunked: the last hidden states (``output_hidden_states``, ``logits_to_keep=1``) and the lm_head weight
-  into ``algos.logprobs.logprobs_from_hidden``: ``--chunk_size`` tokens of logits at a time, recomputed
-  in the backward pass.
+* full (the trainer with ``--logprobs_chunk_size 0``, and before it had the flag):
+  ``model(..., logits_to_keep=L + 1).logits[:, :-1].float() / T`` and ``logprobs_from_logits``: the
+  (B, L, V) logits exist in float32, and autograd keeps them;
+* chunked (the trainer's default, ``--logprobs_chunk_size 1024``): the model returns its last hidden
+  states and no logits, and the output layer runs ``--chunk_size`` tokens at a time, each chunk
+  recomputed in the backward pass (``algos.logprobs.logprobs_from_hidden``).
+
+Both go through ``algos.logprobs.response_logprobs``, the function the trainer's forward pass calls.
 
 Each (length, method) runs in a fresh process, so its peak is its own. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` during the step; on the CPU the highest resident set size seen by a
@@ -86,18 +89,15 @@ class RssPeak:
 
 
 def policy_logprobs(model, ids, keep: int, method: str, temperature: float, chunk_size: int):
-    """(B, keep - 1) log-probs of ids[:, -keep+1:] by the full-logits or the chunked path."""
-    from algos.logprobs import logprobs_from_hidden, logprobs_from_logits
-    from algos.models import lm_head_params
+    """(B, keep - 1) log-probs of ids[:, -keep+1:], as the trainer's forward computes them
+    (``algos.logprobs.response_logprobs``) with ``--logprobs_chunk_size 0`` (full) or ``chunk_size``."""
+    from algos.logprobs import logits_to_keep, response_logprobs
+    from algos.models import output_head
 
-    labels = ids[:, -(keep - 1):]
-    if method == "full":
-        logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
-        return logprobs_from_logits(logits / temperature, labels)
-    out = model(input_ids=ids, logits_to_keep=1, use_cache=False, output_hidden_states=True)
-    weight, bias = lm_head_params(model)
-    return logprobs_from_hidden(out.hidden_states[-1][:, -keep:-1], weight, labels, bias=bias,
-                                temperature=temperature, chunk_size=chunk_size)
+    head = output_head(model) if method == "chunked" else None
+    out = model(input_ids=ids, logits_to_keep=logits_to_keep(keep, head is not None, ids.device),
+                use_cache=False, output_hidden_states=head is not None)
+    return response_logprobs(out, head, ids[:, -(keep - 1):], temperature=temperature, chunk_size=chunk_size)[0]
 
 
 def child(args) -> dict:

@@ -185,11 +185,11 @@ def test_chunked_logprobs_on_cuda_in_bf16_match_full_logits():
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(2, 300, 64, device="cuda", generator=g)
-    w = torch.randn(1000, 64, device="cuda", generator=g) * 0.1
+    head = torch.nn.Linear(64, 1000, bias=False, device="cuda")
     y = torch.randint(0, 1000, (2, 300), device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        want = logprobs_from_logits(torch.nn.functional.linear(h, w).float(), y)
-        got = logprobs_from_hidden(h, w, y, chunk_size=128)
+        want = logprobs_from_logits(head(h).float(), y)
+        got = logprobs_from_hidden(h, head, y, chunk_size=128)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
