@@ -159,6 +159,9 @@ class RLConfig:
     warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     bf16: bool = _f(False, "Run the policy in bfloat16 (mixed precision through Accelerate).")
+    ds3_gather_for_generation: bool = _f(True, "DeepSpeed ZeRO-3: gather the policy's parameters once per "
+                                         "rollout and evaluation (TRL's name) instead of layer by layer "
+                                         "at every decoding step. Off for a model too big for one device.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     # --- the loss ------------------------------------------------------------------------------
     loss_type: str = _f("dapo", "Loss aggregation: grpo (per-sequence mean, then mean), dr_grpo "

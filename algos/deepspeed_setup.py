@@ -9,14 +9,24 @@ Two things a ``configs/accelerate/zero*.yaml`` launch needs from the trainer (fo
    ``cpu=False`` and the gloo backend (:func:`accelerator_placement`).
 2. DeepSpeed needs ``train_micro_batch_size_per_gpu``; Accelerate reads it from a dataloader,
    and the trainer has none, so it is set from ``per_device_train_batch_size`` before ``prepare``.
+3. Under ZeRO-3, transformers loads every model with its parameters already partitioned
+   (``deepspeed.zero.Init``), so a frozen model outside the training engine (the KL reference)
+   needs an engine of its own to gather them in its forward pass (:func:`prepare_frozen_model`,
+   as TRL's ``prepare_deepspeed`` does).
+4. Generation with our own decoders runs the policy once per token. Under ZeRO-3 each of those
+   forward passes would gather every layer's parameters again; :func:`gathered_for_generation`
+   gathers them once for the whole generation.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 import torch
 
-__all__ = ["accelerator_placement", "deepspeed_launch", "fill_deepspeed_config"]
+__all__ = ["accelerator_placement", "deepspeed_launch", "fill_deepspeed_config", "gathered_for_generation",
+           "prepare_frozen_model", "zero_stage"]
 
 
 def deepspeed_launch() -> bool:
@@ -47,3 +57,41 @@ def fill_deepspeed_config(accelerator, per_device_train_batch_size: int, gradien
     config["gradient_accumulation_steps"] = int(gradient_accumulation_steps)
     config["train_batch_size"] = (int(per_device_train_batch_size) * int(gradient_accumulation_steps)
                                   * accelerator.num_processes)
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of the launch, 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return 0 if plugin is None else int(plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model, accelerator, enabled: bool = True):
+    """Under ZeRO-3 (and ``enabled``): every parameter of the engine ``model`` gathered once, and
+    DeepSpeed's per-module hooks off, until the block ends (DeepSpeed's own
+    ``deepspeed.runtime.zero.stage3.unwrap_model_for_generation``; TRL's ``ds3_gather_for_generation``).
+    Each process then holds the whole model for the generation. Otherwise it does nothing."""
+    if not enabled or zero_stage(accelerator) != 3:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(model):
+        yield
+
+
+def prepare_frozen_model(model, accelerator):
+    """An eval-mode, gradient-free model placed for inference: under ZeRO-3, wrapped in a DeepSpeed
+    engine with the launch's ZeRO-3 config and no optimizer (its forward gathers the partitioned
+    parameters; module doc, item 3); otherwise moved to the accelerator's device."""
+    model = model.eval().requires_grad_(False)
+    if zero_stage(accelerator) != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine

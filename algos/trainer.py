@@ -12,7 +12,6 @@ aggregate, so N processes compute the gradient of one process holding the whole 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import os
 import time
@@ -30,7 +29,8 @@ from algos.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
 from algos.data import SYNTHETIC_TASKS, ArithmeticTask, load_records
 from algos.data_formats import dataset_prompt, render_prompt
-from algos.deepspeed_setup import accelerator_placement, fill_deepspeed_config
+from algos.deepspeed_setup import (accelerator_placement, fill_deepspeed_config, gathered_for_generation,
+                                   prepare_frozen_model)
 from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
 from algos.importance import engine_is_weights
@@ -199,29 +199,17 @@ class RLTrainer:
 
         # Model, tokenizer, reference, critic --------------------------------------------------
         self.tokenizer = load_tokenizer(c.model_name_or_path)
-        # fp32 master weights; --bf16 runs forward passes under bf16 autocast (Accelerate).
-        policy = load_causal_lm(c.model_name_or_path, dtype=torch.float32)
-        policy.config.use_cache = True
-        if c.gradient_checkpointing:
-            # transformers >= 5.2x names it activation checkpointing (the old name warns); 5.19 has only the old
-            if hasattr(policy, "activation_checkpointing_enable"):
-                policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = self._load_policy()
+        # The KL reference (LoRA's is the base model with the adapters off) and a separate critic's
+        # backbone are loaded again, not deep-copied: under ZeRO-3 deep copies end up with
+        # zero-element parameters.
         self.ref_model = None
-        if c.use_peft:
-            from peft import LoraConfig, get_peft_model
-
-            targets = c.lora_target_modules
-            lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                              target_modules=targets if targets == "all-linear" else targets.split(","),
-                              task_type="CAUSAL_LM")
-            if c.gradient_checkpointing:
-                policy.enable_input_require_grads()
-            policy = get_peft_model(policy, lora)
-        elif c.kl_coef > 0:
-            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
-        model = ActorCritic(policy, c.critic_backbone == "shared") if c.algorithm == "ppo" else policy
+        if c.kl_coef > 0 and not c.use_peft:
+            self.ref_model = load_causal_lm(c.model_name_or_path, dtype=torch.float32)
+        model = policy
+        if c.algorithm == "ppo":
+            critic = None if c.critic_backbone == "shared" else self._load_policy().get_decoder()
+            model = ActorCritic(policy, critic)
 
         # Optimiser and schedule -----------------------------------------------------------------
         if c.algorithm == "ppo":
@@ -241,6 +229,8 @@ class RLTrainer:
                                        num_training_steps=self.total_optimizer_steps)
         fill_deepspeed_config(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.ref_model is not None:  # after prepare: DeepSpeed's config is complete by then
+            self.ref_model = prepare_frozen_model(self.ref_model, acc)
         acc.register_for_checkpointing(self.scheduler)
 
         if c.use_vllm:
@@ -261,6 +251,30 @@ class RLTrainer:
         if acc.is_main_process:
             self.tracker = RunTracker(c.output_dir, c.report_to, c.run_name or Path(c.output_dir).name,
                                       c.wandb_project, dataclasses.asdict(c))
+
+    def _load_policy(self):
+        """The policy as configured: fp32 master weights (--bf16 runs forward passes under bf16
+        autocast, through Accelerate), activation checkpointing, LoRA adapters."""
+        c = self.config
+        policy = load_causal_lm(c.model_name_or_path, dtype=torch.float32)
+        policy.config.use_cache = True
+        if c.gradient_checkpointing:
+            # transformers >= 5.2x names it activation checkpointing (the old name warns); 5.19 has only the old
+            if hasattr(policy, "activation_checkpointing_enable"):
+                policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not c.use_peft:
+            return policy
+        from peft import LoraConfig, get_peft_model
+
+        targets = c.lora_target_modules
+        lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                          target_modules=targets if targets == "all-linear" else targets.split(","),
+                          task_type="CAUSAL_LM")
+        if c.gradient_checkpointing:
+            policy.enable_input_require_grads()
+        return get_peft_model(policy, lora)
 
     # ------------------------------------------------------------------------------------------
     def log_main(self, text: str) -> None:
@@ -365,11 +379,17 @@ class RLTrainer:
         # One autocast region around the whole rollout: under --bf16 each weight is cast to bf16
         # once per rollout (autocast caches casts until its outermost region exits) instead of
         # once per decode step; the numbers are the same.
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self.gathered_for_generation():
             batch = self.engine.generate(self.policy, prompts, self.config.num_generations, extras)
         if hasattr(self.engine, "sleep"):  # vLLM sleep mode (CUDA): free its memory during the update
             self.engine.sleep()
         return batch
+
+    def gathered_for_generation(self):
+        """Under ZeRO-3, the policy's parameters gathered once for a whole generation by our own
+        decoders (vLLM holds its own copy, synced block by block)."""
+        c = self.config
+        return gathered_for_generation(self.model, self.accelerator, c.ds3_gather_for_generation and not c.use_vllm)
 
     def forward(self, model, batch: RolloutBatch, with_entropy: bool = False):
         """Per-token log-probs of the response tokens (tempered logits), values for PPO and, when asked,
@@ -751,8 +771,9 @@ class RLTrainer:
 
     # The loop ---------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        result = evaluate_accuracy(self.policy, self.eval_engine, self.eval_records, self.prompt_text,
-                                   self.accelerator, batch_size=self.config.eval_batch_size)
+        with self.gathered_for_generation():
+            result = evaluate_accuracy(self.policy, self.eval_engine, self.eval_records, self.prompt_text,
+                                       self.accelerator, batch_size=self.config.eval_batch_size)
         return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"]}
 
     def weight_checksums(self) -> list[float]:

@@ -1,8 +1,6 @@
 """The PPO critic: a scalar value head on the policy's backbone, shared or copied."""
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 
@@ -10,16 +8,18 @@ class ActorCritic(nn.Module):
     """Policy and critic in one module, so one optimizer and one Accelerate/DeepSpeed engine
     train both. The value head starts at zero.
 
-    ``shared_backbone=False`` (verl/OpenRLHF style): the critic is a copy of the policy's decoder,
-    trained separately (twice the compute and memory). ``True`` (TRL's classic value-head model):
-    the head reads the policy's last hidden states, so one forward pass gives logits and values
-    and the value loss also shapes the shared backbone."""
+    With ``critic_backbone`` (verl/OpenRLHF style: the policy's decoder loaded a second time, by the
+    caller) the critic is trained separately (twice the compute and memory). Without it (TRL's
+    classic value-head model) the head reads the policy's last hidden states, so one forward pass
+    gives logits and values and the value loss also shapes the shared backbone. The caller loads
+    the copy rather than this class deep-copying the policy: under DeepSpeed ZeRO-3 a deep copy
+    leaves parameters that the engine partitions to zero elements."""
 
-    def __init__(self, policy: nn.Module, shared_backbone: bool = False):
+    def __init__(self, policy: nn.Module, critic_backbone: nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        self.shared_backbone = shared_backbone
-        self.critic_backbone = None if shared_backbone else copy.deepcopy(policy.get_decoder())
+        self.shared_backbone = critic_backbone is None
+        self.critic_backbone = critic_backbone
         self.value_head = nn.Linear(policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)

@@ -18,21 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REWARD = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:length_reward"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, algorithm, extra", [
-    ("zero2", "grpo", []), ("zero2", "ppo", []), ("zero2", "grpo", ["--use_peft", "true"]),
-    ("zero3", "grpo", []), ("zero3", "grpo", ["--use_peft", "true"]),
-])
-def test_zero_runs_on_two_cpu_processes(tiny_model_path, tmp_path, stage, algorithm, extra):
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "run"
+def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[str]) -> dict:
+    """``accelerate launch`` a 2-step run on 2 CPU processes; its trainer_state.json."""
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "REPRO_RL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
          f"configs/accelerate/{stage}.yaml", "--num_processes", "2", "--mixed_precision", "no",
-         f"train/{algorithm}.py", "--model_name_or_path", tiny_model_path, "--reward", REWARD, "--max_steps", "2",
+         f"train/{algorithm}.py", "--model_name_or_path", model_path, "--reward", REWARD, "--max_steps", "2",
          "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
          "--num_eval_samples", "0", "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out),
          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -40,5 +34,31 @@ def test_zero_runs_on_two_cpu_processes(tiny_model_path, tmp_path, stage, algori
     assert (out / "final" / "trainer_state" / "zero_to_fp32.py").exists(), "ran without DeepSpeed"
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
-    a, b = state["rank_weight_checksums"]
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, algorithm, extra", [
+    ("zero2", "grpo", []), ("zero2", "ppo", []), ("zero2", "grpo", ["--use_peft", "true"]),
+    ("zero3", "grpo", ["--use_peft", "true"]),
+    # PPO under ZeRO-3: the KL reference in its own DeepSpeed engine, the separate critic's backbone
+    # loaded (a deep copy had zero-element parameters), the chunked output layer (3 tokens a chunk)
+    ("zero3", "ppo", ["--logprobs_chunk_size", "3"]), ("zero3", "ppo", ["--critic_backbone", "shared"]),
+])
+def test_zero_runs_on_two_cpu_processes(tiny_model_path, tmp_path, stage, algorithm, extra):
+    pytest.importorskip("deepspeed")
+    a, b = _launch(stage, algorithm, tiny_model_path, tmp_path / "run", extra)["rank_weight_checksums"]
     assert a == b, "the two processes ended with different weights"
+
+
+@pytest.mark.slow
+def test_zero3_generation_gathers_once_with_the_same_result(tiny_model_path, tmp_path):
+    """GRPO under ZeRO-3 with the parameters gathered once per rollout (the default) and layer by
+    layer at every decoding step (--ds3_gather_for_generation false): the same samples, so the same
+    weights after 2 steps; chunked log-probs (3 tokens a chunk) in both."""
+    pytest.importorskip("deepspeed")
+    sums = [_launch("zero3", "grpo", tiny_model_path, tmp_path / flag, ["--logprobs_chunk_size", "3",
+                                                                        "--ds3_gather_for_generation", flag])
+            ["rank_weight_checksums"] for flag in ("true", "false")]
+    assert sums[0][0] == sums[0][1] and sums[1][0] == sums[1][1]
+    assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-6)
