@@ -145,4 +145,11 @@ def close_process_group() -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        # A colocated vLLM engine holds groups of its own; its exit hook would destroy them after
+        # the default group is gone ("Invalid process group specified"), so they go first.
+        vllm_groups = sys.modules.get("vllm.distributed.parallel_state")
+        if vllm_groups is not None:
+            vllm_groups.destroy_model_parallel()
+            vllm_groups.destroy_distributed_environment()
+        if dist.is_initialized():
+            dist.destroy_process_group()
