@@ -415,8 +415,10 @@ class RLTrainer:
         else:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                         logits_to_keep=keep_arg, use_cache=False, output_hidden_states=head is not None)
-        logp, entropy = response_logprobs(out, head, response_ids, temperature=c.temperature,
-                                          chunk_size=c.logprobs_chunk_size, with_entropy=with_entropy)
+        # The output layer outside the model's forward runs under the same autocast (--bf16) as inside it.
+        with self.accelerator.autocast():
+            logp, entropy = response_logprobs(out, head, response_ids, temperature=c.temperature,
+                                              chunk_size=c.logprobs_chunk_size, with_entropy=with_entropy)
         entropy = entropy * response_mask if entropy is not None else None
         cut = batch.response_ids.shape[1] - response_ids.shape[1]
         if cut:

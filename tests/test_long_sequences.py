@@ -128,11 +128,13 @@ TRAINER_CASES = {
     "lora": dict(use_peft=True, lora_target_modules="q_proj,v_proj", beta=0.1),
     "ppo-separate-critic": dict(algorithm="ppo", critic_backbone="separate"),
     "ppo-shared-critic": dict(algorithm="ppo", critic_backbone="shared"),
+    "bf16-kl-reference": dict(bf16=True, beta=0.1),
 }
 
 
 @pytest.mark.parametrize("case", list(TRAINER_CASES))
-def test_trainer_step_with_chunked_logprobs_equals_full_logits(tiny_model_path, tmp_path, case, monkeypatch):
+def test_trainer_step_with_chunked_logprobs_equals_full_logits(tiny_model_path, tmp_path, case, monkeypatch,
+                                                               fresh_accelerate_state):
     """One training step with --logprobs_chunk_size 3 and with full logits (0): the same losses, KL,
     entropy and gradient norm, and the same gradients at the optimizer step. The chunked step never takes the
     full-logits path."""
@@ -162,8 +164,10 @@ def test_trainer_step_with_chunked_logprobs_equals_full_logits(tiny_model_path, 
     for key in keys:
         assert chunked[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key
     assert len(w_full) == len(w_chunked) > 0
+    # bf16 matmuls over a chunk and over the whole sequence round differently (2.4e-4 at most seen)
+    atol = 1e-3 if TRAINER_CASES[case].get("bf16") else 1e-6
     for a, b in zip(w_full, w_chunked):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
 
 
 def test_token_budget_batches_keep_every_group_under_the_budget():
