@@ -63,6 +63,10 @@ def test_config_validation_direct():
     with pytest.raises(ConfigError, match="num_generations"):
         RLConfig(algorithm="grpo", num_generations=1, per_device_train_batch_size=1)
     assert RLConfig(algorithm="ppo").kl_coef == 0.01 and RLConfig(algorithm="grpo").kl_coef == 0.0
+    with pytest.raises(ConfigError, match="logprobs_chunk_size.*must be >= 0"):
+        RLConfig(logprobs_chunk_size=-1)
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch.*must be >= 0"):
+        RLConfig(max_tokens_per_micro_batch=-5)
 
 
 def test_help_documents_every_field():
