@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REWARD = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:length_reward"
 
 
-def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[str]) -> dict:
+def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[str], reward: str = REWARD) -> dict:
     """``accelerate launch`` a 2-step run on 2 CPU processes; its trainer_state.json."""
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
@@ -26,7 +26,7 @@ def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[
     result = subprocess.run(
         [str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
          f"configs/accelerate/{stage}.yaml", "--num_processes", "2", "--mixed_precision", "no",
-         f"train/{algorithm}.py", "--model_name_or_path", model_path, "--reward", REWARD, "--max_steps", "2",
+         f"train/{algorithm}.py", "--model_name_or_path", model_path, "--reward", reward, "--max_steps", "2",
          "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
          "--num_eval_samples", "0", "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out),
          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -62,3 +62,23 @@ def test_zero3_generation_gathers_once_with_the_same_result(tiny_model_path, tmp
             ["rank_weight_checksums"] for flag in ("true", "false")]
     assert sums[0][0] == sums[0][1] and sums[1][0] == sums[1][1]
     assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_with_a_colocated_vllm_engine(tmp_path):
+    """GRPO under ZeRO-3 with a vLLM engine in each process: the sync gathers each block's sharded
+    parameters; after step 1's update the engine's log-probs match the trainer's again at step 2."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("vllm")
+    from test_vllm import make_vllm_tiny_model
+
+    model = make_vllm_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    a, b = _launch("zero3", "grpo", str(model), out, ["--use_vllm", "true", "--num_generations", "4",
+                                                      "--per_device_train_batch_size", "8",
+                                                      "--learning_rate", "1e-2"])["rank_weight_checksums"]
+    assert a == b, "the two processes ended with different weights"
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl") if "vllm/abs_logprob_diff" in line]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert steps[0]["grad_norm"] > 0  # step 1 changed the policy that step 2 samples from
+    assert max(m["vllm/abs_logprob_diff"] for m in steps) < 2e-4  # fp32 engine and trainer
