@@ -3,6 +3,8 @@ float32 log-softmax copy of the vocabulary for low-precision inputs."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -69,11 +71,15 @@ def entropy_from_logits(logits: torch.Tensor, finite: bool = False) -> torch.Ten
 DEFAULT_CHUNK = 1024
 
 
+def _chunk_logits(head, h: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(C, V) float32 logits of one chunk of rows, divided by the temperature."""
+    z = head(h).float()
+    return z / temperature if temperature != 1.0 else z
+
+
 def _chunk_logprobs(head, h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(head(h) / T)[y] for one chunk of rows: z[y] - logsumexp(z), in float32."""
-    z = head(h).float()
-    if temperature != 1.0:
-        z = z / temperature
+    z = _chunk_logits(head, h, temperature)
     return z.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
@@ -94,13 +100,10 @@ def logprobs_from_hidden(hidden: torch.Tensor, head, labels: torch.Tensor, *, te
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
     flat, ys = _check(hidden, temperature, chunk_size), labels.reshape(-1).long()
-    if not torch.is_grad_enabled() or flat.shape[0] <= chunk_size:  # one chunk: kept for the backward, as full logits
-        parts = [_chunk_logprobs(head, flat[lo:lo + chunk_size], ys[lo:lo + chunk_size], temperature)
-                 for lo in range(0, flat.shape[0], chunk_size)]
-    else:
-        parts = [checkpoint(_chunk_logprobs, head, flat[lo:lo + chunk_size], ys[lo:lo + chunk_size],
-                            temperature, use_reentrant=False)
-                 for lo in range(0, flat.shape[0], chunk_size)]
+    recompute = torch.is_grad_enabled() and flat.shape[0] > chunk_size  # one chunk: kept, as full logits
+    run = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False) if recompute else _chunk_logprobs
+    parts = [run(head, flat[lo:lo + chunk_size], ys[lo:lo + chunk_size], temperature)
+             for lo in range(0, flat.shape[0], chunk_size)]
     out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
     return out.view(labels.shape)
 
@@ -111,10 +114,8 @@ def entropy_from_hidden(hidden: torch.Tensor, head, *, temperature: float = 1.0,
     """Entropy of softmax(head(hidden) / T), shape ``hidden.shape[:-1]``, float32, no gradient
     (the trainer logs it); ``chunk_size`` rows of logits at a time (:func:`entropy_from_logits`)."""
     flat = _check(hidden, temperature, chunk_size)
-    out = []
-    for lo in range(0, flat.shape[0], chunk_size):
-        z = head(flat[lo:lo + chunk_size]).float()
-        out.append(entropy_from_logits(z / temperature if temperature != 1.0 else z, finite=True))
+    out = [entropy_from_logits(_chunk_logits(head, flat[lo:lo + chunk_size], temperature), finite=True)
+           for lo in range(0, flat.shape[0], chunk_size)]
     return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)).view(hidden.shape[:-1])
 
 

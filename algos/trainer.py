@@ -410,7 +410,7 @@ class RLTrainer:
         keep_arg = logits_to_keep(keep, head is not None, input_ids.device)
         values = None
         if actor_critic:
-            out, values = model(input_ids, mask, positions, keep, logits=keep_arg)
+            out, values = model(input_ids, mask, positions, keep, logits_to_keep=keep_arg)
             values = values[:, :-1]
         else:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,

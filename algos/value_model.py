@@ -28,14 +28,14 @@ class ActorCritic(nn.Module):
         own = [] if self.critic_backbone is None else list(self.critic_backbone.parameters())
         return own + list(self.value_head.parameters())
 
-    def forward(self, input_ids, attention_mask, position_ids, keep: int, logits=None):
-        """(the policy's output, values (B, keep) at the last ``keep`` positions). ``logits`` is
-        the policy's ``logits_to_keep`` (default ``keep``); the output carries the hidden states when
-        the caller asks for no logits (an empty index) or the critic shares the backbone."""
-        logits = keep if logits is None else logits
-        want_hidden = self.shared_backbone or not isinstance(logits, int)
+    def forward(self, input_ids, attention_mask, position_ids, keep: int, logits_to_keep=None):
+        """(the policy's output, values (B, keep) at the last ``keep`` positions). ``logits_to_keep``
+        is passed to the policy (default ``keep``); the output carries the hidden states when it is an
+        index (an empty one: no logits, the caller chunks the output layer) or the critic shares the backbone."""
+        logits_to_keep = keep if logits_to_keep is None else logits_to_keep
+        want_hidden = self.shared_backbone or not isinstance(logits_to_keep, int)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, logits_to_keep=logits,
+                          position_ids=position_ids, logits_to_keep=logits_to_keep,
                           use_cache=False, output_hidden_states=want_hidden)
         if self.shared_backbone:
             hidden = out.hidden_states[-1]
