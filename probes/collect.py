@@ -62,6 +62,15 @@ PROGRESS_FILE = "progress.json"
 LYNX_PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
+# How a cue event is labelled "safe to exit" (1) or "continue" (0):
+# - forced (LYNX, arXiv 2512.05325): 1 iff the forced answer (prefix + exit string + greedy answer) is correct;
+# - no_regret: 1 iff exiting costs nothing against continuing this rollout: the forced answer is correct,
+#   or the rollout's own final answer is wrong. The conformal bound then reads P(exit | exiting loses a
+#   correct answer) <= delta: the events the forced label calls unsafe only because the rollout is wrong
+#   anyway (its post-answer re-checks) may exit.
+EXIT_LABELS = ("forced", "no_regret")
+
+
 class CollectError(ValueError):
     """Bad collection settings or a collection directory made otherwise; one line naming the fix."""
 
@@ -276,6 +285,18 @@ class EventSet:
         return EventSet(self.features[keep], self.labels[keep], self.problem[keep], self.event_index[keep],
                         self.synthetic[keep])
 
+    def relabelled(self, rule: str, rollout_correct: dict[int, bool]) -> "EventSet":
+        """The events under exit-label ``rule`` (see :data:`EXIT_LABELS`): ``forced`` keeps the forced-exit
+        labels; ``no_regret`` also marks safe every event of a rollout whose own final answer is wrong
+        (``rollout_correct[problem]`` False), where exiting cannot cost the answer continuing would give."""
+        if rule not in EXIT_LABELS:
+            raise CollectError(f"exit label rule must be one of {', '.join(EXIT_LABELS)}, got '{rule}'")
+        if rule == "forced" or not len(self):
+            return self
+        wrong = torch.tensor([not rollout_correct[int(p)] for p in self.problem.tolist()], dtype=torch.bool)
+        labels = (self.labels.bool() | wrong).to(self.labels.dtype)
+        return EventSet(self.features, labels, self.problem, self.event_index, self.synthetic)
+
 
 class EventShards:
     """A collection directory: ``progress.json`` + ``shard-*.safetensors``."""
@@ -334,6 +355,11 @@ class EventShards:
             for p, row, n in zip(shard["rollout_problem"].tolist(), shard["responses"], shard["response_len"].tolist()):
                 out[p] = row[:n].tolist()
         return out
+
+    def rollout_correct(self, tokenizer, records: list[dict]) -> dict[int, bool]:
+        """Whether each rollout's own final answer is right, by problem index (``records[p]['answer']``)."""
+        return {p: bool(is_correct(tokenizer.decode(ids, skip_special_tokens=True), records[p]["answer"]))
+                for p, ids in self.responses().items()}
 
     def rollouts(self) -> dict:
         """Per rollout: problem index, response length, number of cue events (before the cap)."""
@@ -465,6 +491,6 @@ def collect_events(model, tokenizer, records, out_dir, config: CollectConfig, pr
     return EventShards(out_dir)
 
 
-__all__ = ["CollectConfig", "CollectError", "EventSet", "EventShards", "LYNX_PROMPT_TEMPLATE", "collect_events",
+__all__ = ["EXIT_LABELS", "CollectConfig", "CollectError", "EventSet", "EventShards", "LYNX_PROMPT_TEMPLATE", "collect_events",
            "evenly_spaced", "forced_exit_answers", "write_json_atomic", "records_fingerprint", "select_cache_rows",
            "split_problems"]

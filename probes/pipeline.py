@@ -30,7 +30,7 @@ from algos.data import SYNTHETIC_TASKS, ArithmeticTask, DataConfigError, load_re
 from algos.device import dtype_name, resolve_device_dtype
 from algos.fingerprint import base_identity
 from algos.models import load_causal_lm, load_tokenizer
-from probes.collect import (LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
+from probes.collect import (EXIT_LABELS, LYNX_PROMPT_TEMPLATE, CollectConfig, EventSet, collect_events, split_problems,
                             write_json_atomic)
 from probes.conformal import ConformalCalibration
 from probes.cues import ANSWER_START, THINK_END, CueConfig, cue_preset, default_exit_string, has_thinking_block
@@ -87,6 +87,7 @@ class LynxJobConfig:
     forced_batch_size: int = 16
     eval_batch_size: int = 8
     eval_require_boxed: bool = False
+    exit_label: str = "forced"  # forced (LYNX) or no_regret (probes.collect.EXIT_LABELS)
     probe: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     seed: int = 0
     progress: bool = True
@@ -109,6 +110,7 @@ def validate(cfg: LynxJobConfig) -> None:
         (0 < cfg.calibration_fraction < 1, f"--calibration_fraction must be in (0, 1), got {cfg.calibration_fraction}"),
         (cfg.cue_preset in ("auto", "words", "linebreak"), f"--cue_preset must be auto, words or linebreak, got '{cfg.cue_preset}'"),
         (cfg.max_calibration_events_per_rollout >= 1, "--max_calibration_events_per_rollout must be >= 1"),
+        (cfg.exit_label in EXIT_LABELS, f"--exit_label must be one of {', '.join(EXIT_LABELS)}, got '{cfg.exit_label}'"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
         (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         ("{question}" in cfg.prompt_template, "--prompt_template must contain {question}"),
@@ -221,9 +223,11 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     timings["collect_s"] = round(time.perf_counter() - t0, 1)
     train_idx, calib_idx = split_problems(len(pool), cfg.calibration_fraction, cfg.seed)
     test_idx = list(range(len(pool), len(pool) + len(held)))
-    train_events = shards.load(train_idx, cfg.max_events_per_rollout)
-    calib_events = shards.load(calib_idx, cfg.max_calibration_events_per_rollout)
-    test_events = shards.load(test_idx, cfg.max_calibration_events_per_rollout)
+    correct = shards.rollout_correct(tokenizer, pool + held) if cfg.exit_label != "forced" else {}
+    train_events = shards.load(train_idx, cfg.max_events_per_rollout).relabelled(cfg.exit_label, correct)
+    calib_events = shards.load(calib_idx, cfg.max_calibration_events_per_rollout).relabelled(cfg.exit_label, correct)
+    test_forced = shards.load(test_idx, cfg.max_calibration_events_per_rollout)
+    test_events = test_forced.relabelled(cfg.exit_label, correct)
     rollouts = shards.rollouts()
     in_pool = rollouts["problem"] < len(pool)
     collection = {
@@ -232,8 +236,10 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
         "mean_cues_per_rollout": float(rollouts["num_cues"][in_pool].float().mean()),
         "rollouts_without_cue": int((rollouts["num_cues"][in_pool] == 0).sum()),
         "train": _events_summary(train_events), "calibration": _events_summary(calib_events),
-        "held_out": _events_summary(test_events),
+        "held_out": _events_summary(test_events), "exit_label": cfg.exit_label,
     }
+    if correct:
+        collection["rollout_accuracy"] = sum(correct[p] for p in train_idx + calib_idx) / len(pool)
 
     t0 = _phase(2, "train", f"MLP {list(cfg.probe.hidden)} on {len(train_events)} events of {len(train_idx)} problems")
     probe, train_metrics = _train(cfg, train_events)
@@ -271,6 +277,9 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
         evaluation = {
             "held_out_auc": roc_auc(p_test, test_events.labels) if len(test_events) else math.nan,
             "premature_exits": premature_exit_rates(bundle, test_events, confidences),
+            # the same exits judged by LYNX's forced-exit labels (differs under --exit_label no_regret)
+            "premature_exits_forced_label": (premature_exit_rates(bundle, test_forced, confidences)
+                                             if cfg.exit_label != "forced" else None),
             "decoding": evaluate_decoding(model, tokenizer, bundle, held, cfg.eval_confidences,
                                           prompt_template=cfg.prompt_template, max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.eval_batch_size, stop_at_answer_close=cfg.stop_at_answer_close,
@@ -294,6 +303,16 @@ def _f(x, digits=3) -> str:
         "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{digits}f}")
 
 
+def _premature_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        lo, hi = r.get("premature_exit_rate_ci95", (math.nan, math.nan))
+        out.append(f"  c={r['confidence']:<5} rate {_f(r['premature_exit_rate'])} [95% CI {_f(lo)}, {_f(hi)}] "
+                   f"vs delta {r['delta']:.3f} ({r['continue_events']} continue events); safe events exiting "
+                   f"{_f(r['safe_exit_rate'])}")
+    return out
+
+
 def format_summary(s: dict) -> str:
     """The end-of-run report as text."""
     c, t, cal, ev = s["collection"], s["training"], s["calibration"], s["evaluation"]
@@ -315,12 +334,12 @@ def format_summary(s: dict) -> str:
         lines.append(f"  c={r['confidence']:<5} delta={r['delta']:.3f}  q_safe={_f(r['q_safe'])}  "
                      f"q_continue={_f(r['q_continue'])}  exit rate on calibration events {_f(r['calibration_exit_rate'])}")
     if ev:
-        lines.append("held-out events: premature-exit rate P(exit | exiting is wrong) vs delta")
-        for r in ev["premature_exits"]:
-            lo, hi = r.get("premature_exit_rate_ci95", (math.nan, math.nan))
-            lines.append(f"  c={r['confidence']:<5} rate {_f(r['premature_exit_rate'])} [95% CI {_f(lo)}, {_f(hi)}] "
-                         f"vs delta {r['delta']:.3f} "
-                         f"({r['continue_events']} continue events); safe events exiting {_f(r['safe_exit_rate'])}")
+        meaning = {"forced": "exiting is wrong", "no_regret": "exiting loses a correct answer"}[c.get("exit_label", "forced")]
+        lines.append(f"held-out events: premature-exit rate P(exit | {meaning}) vs delta")
+        lines += _premature_lines(ev["premature_exits"])
+        if ev.get("premature_exits_forced_label"):
+            lines.append("  judged by the forced-exit labels, P(exit | exiting is wrong):")
+            lines += _premature_lines(ev["premature_exits_forced_label"])
         lines.append("held-out decoding (greedy):")
         for r in ev["decoding"]:
             extra = (f", tokens {r['token_change']:+.1%}, lost {r['lost_by_exit']} / gained {r['gained_by_exit']} "

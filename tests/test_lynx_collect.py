@@ -281,6 +281,48 @@ def test_job_collects_trains_calibrates_exports_and_evaluates(tiny_model_path, t
     assert (tmp_path / "lynx-events" / "progress.json").is_file()
 
 
+def test_no_regret_labels_mark_safe_the_events_of_wrong_rollouts():
+    from probes.collect import EventSet
+
+    events = EventSet(features=torch.zeros(5, 2), labels=torch.tensor([0, 1, 0, 0, 1], dtype=torch.int8),
+                      problem=torch.tensor([3, 3, 4, 5, 5]), event_index=torch.arange(5),
+                      synthetic=torch.zeros(5, dtype=torch.bool))
+    correct = {3: True, 4: False, 5: True}
+    # forced labels kept; problem 4's rollout ends wrong, so exiting there loses nothing
+    assert events.relabelled("forced", correct).labels.tolist() == [0, 1, 0, 0, 1]
+    relabelled = events.relabelled("no_regret", correct)
+    assert relabelled.labels.tolist() == [0, 1, 1, 0, 1] and relabelled.labels.dtype == torch.int8
+    assert events.labels.tolist() == [0, 1, 0, 0, 1]  # the original is unchanged
+    with pytest.raises(CollectError, match="exit label rule"):
+        events.relabelled("oracle", correct)
+
+
+def test_job_with_no_regret_labels_reports_both_premature_rates(tiny_model_path, tmp_path, monkeypatch):
+    from probes.pipeline import load_problems
+
+    # forced exits are right for even gold answers; a rollout's own answer is right unless gold % 3 == 0
+    def grader(text, gold, require_boxed=True):
+        return int(gold) % 2 == 0 if text.startswith(EXIT) else int(gold) % 3 != 0
+
+    monkeypatch.setattr(collect_mod, "is_correct", grader)
+    forced = run_lynx_job(_job(tmp_path / "a", tiny_model_path))
+    cfg = _job(tmp_path / "b", tiny_model_path, exit_label="no_regret")
+    regret = run_lynx_job(cfg)
+    pool, held = load_problems(cfg)
+    assert forced["collection"]["exit_label"] == "forced" and regret["collection"]["exit_label"] == "no_regret"
+    assert regret["collection"]["rollout_accuracy"] == pytest.approx(sum(int(r["answer"]) % 3 != 0 for r in pool) / 16)
+    # events of odd multiples of 3 turn safe: fewer continue events, the same events in all
+    f, r = forced["collection"]["held_out"], regret["collection"]["held_out"]
+    wrong_rollouts = sum(int(x["answer"]) % 6 == 3 for x in held)
+    assert f["events"] == r["events"] and (r["positive_rate"] > f["positive_rate"] if wrong_rollouts else True)
+    assert forced["evaluation"]["premature_exits_forced_label"] is None
+    judged = regret["evaluation"]["premature_exits_forced_label"]
+    assert [x["continue_events"] for x in judged] == [x["continue_events"] for x in forced["evaluation"]["premature_exits"]]
+    assert all(a["continue_events"] <= b["continue_events"] for a, b in zip(regret["evaluation"]["premature_exits"], judged))
+    with pytest.raises(LynxJobError, match="--exit_label"):
+        run_lynx_job(_job(tmp_path / "c", tiny_model_path, exit_label="oracle"))
+
+
 def test_job_stops_with_one_line_when_a_label_is_missing(tiny_model_path, tmp_path):
     # a random model never answers correctly: no "safe" event; nothing is exported
     with pytest.raises(LynxJobError, match="at least 2 events of each label") as err:

@@ -93,6 +93,10 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=d.eval_batch_size, help="prompts per batch in held-out decoding")
     a("--eval_require_boxed", type=_parse_bool, nargs="?", const=True, default=d.eval_require_boxed, metavar="BOOL",
       help="held-out decoding: an answer counts only inside \\boxed{} (exit answers always are)")
+    a("--exit_label", default=d.exit_label, choices=("forced", "no_regret"),
+      help="how a cue event is labelled safe: 'forced' (LYNX: the forced answer is correct) or 'no_regret' (the forced "
+           "answer is correct, or the rollout's own answer is wrong, so exiting costs nothing); the conformal bound "
+           "holds for the chosen label")
     a("--seed", type=int, default=d.seed, help="problem split, sampling and probe seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: $REPRO_RL_NUM_THREADS, else torch's)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=d.progress, metavar="BOOL", help="progress bars")
