@@ -126,6 +126,28 @@ def test_two_process_run_with_vllm_ends_with_equal_weights(tmp_path):
     assert len(steps) == 2
 
 
+@pytest.mark.slow
+@needs_vllm
+def test_engine_parity_script_finds_the_engines_alike_in_fp32(tmp_path):
+    model = make_vllm_tiny_model(tmp_path / "tiny")
+    config = tmp_path / "parity.yaml"
+    config.write_text("reward: format\nnum_generations: 4\nmax_completion_length: 12\ntemperature: 0.7\n"
+                      "bf16: false\n")
+    report_path = tmp_path / "parity.json"
+    result = run([sys.executable, "scripts/engine_parity.py", "--config", str(config), "--model", str(model),
+                  "--num_prompts", "6", "--num_eval_samples", "6", "--threads", "1",
+                  "--output_json", str(report_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "engine parity" in result.stdout and "held-out greedy accuracy" in result.stdout
+    report = json.loads(report_path.read_text())
+    stats = report["stats"]
+    for engine in ("ours", "vllm"):  # fp32 engines: each one's log-probs are the trainer's
+        assert stats["|engine - trainer| / token"][engine][0] < LOGPROB_TOLERANCE, stats
+        assert stats["length (tokens)"][engine][0] > 0
+    assert stats["engine log-prob / token"]["ours"][0] < -0.1  # real sampled tokens
+    assert report["held_out"]["n"] == 6 and report["held_out"]["identical_completions"] >= 5
+
+
 # One-line refusals ---------------------------------------------------------------------------------
 def test_eager_rollouts_on_vllm_are_refused():
     with pytest.raises(ConfigError, match="EAGER.*drop --use_vllm"):
