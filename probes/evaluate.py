@@ -102,8 +102,13 @@ def recompute_features(model, tokenizer, events, prompts: dict[int, str], respon
 @torch.no_grad()
 def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_template: str,
                       max_new_tokens: int, batch_size: int = 8, stop_at_answer_close: bool = True,
-                      require_boxed: bool = False, progress: bool = True) -> list[dict]:
-    """Greedy decoding of ``records`` without exits and with the probe at each confidence.
+                      require_boxed: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                      progress: bool = True) -> list[dict]:
+    """Decoding of ``records`` without exits and with the probe at each confidence: greedy, or sampled
+    at ``temperature`` > 0 with ``top_p`` (how R1-style models are run). Sampled arms draw from the
+    same seeded generator per batch, and ``lynx_generate`` draws one token per row at every step
+    whatever the rows do, so an exit arm follows the no-exit arm's trajectory up to its exit (a
+    paired comparison); the answer after an exit is greedy.
 
     Returns one dict per arm: accuracy, mean new tokens, exit rate, and for the exit arms the
     relative token change against the no-exit arm and the number of problems the no-exit arm
@@ -120,12 +125,17 @@ def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_
             enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False, padding_side="left")
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            sampling = {}
+            if temperature > 0:
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                generator=torch.Generator(device=device).manual_seed(seed * 1_000_003 + start))
             if c is None:
                 out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens, **sampling)
             else:
                 out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
-                                    max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close)
+                                    max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close,
+                                    **sampling)
             width = ids.shape[1]
             for b, stats in enumerate(out.stats):
                 text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)

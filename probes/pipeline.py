@@ -88,6 +88,8 @@ class LynxJobConfig:
     eval_batch_size: int = 8
     eval_require_boxed: bool = False
     exit_label: str = "forced"  # forced (LYNX) or no_regret (probes.collect.EXIT_LABELS)
+    eval_temperature: float = 0.0  # held-out decoding: 0 greedy, else sampled (every arm with the same seeds)
+    eval_top_p: float = 0.95
     probe: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     seed: int = 0
     progress: bool = True
@@ -111,6 +113,8 @@ def validate(cfg: LynxJobConfig) -> None:
         (cfg.cue_preset in ("auto", "words", "linebreak"), f"--cue_preset must be auto, words or linebreak, got '{cfg.cue_preset}'"),
         (cfg.max_calibration_events_per_rollout >= 1, "--max_calibration_events_per_rollout must be >= 1"),
         (cfg.exit_label in EXIT_LABELS, f"--exit_label must be one of {', '.join(EXIT_LABELS)}, got '{cfg.exit_label}'"),
+        (cfg.eval_temperature >= 0 and 0 < cfg.eval_top_p <= 1,
+         f"--eval_temperature must be >= 0 and --eval_top_p in (0, 1], got {cfg.eval_temperature}, {cfg.eval_top_p}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
         (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         ("{question}" in cfg.prompt_template, "--prompt_template must contain {question}"),
@@ -283,7 +287,8 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
             "decoding": evaluate_decoding(model, tokenizer, bundle, held, cfg.eval_confidences,
                                           prompt_template=cfg.prompt_template, max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.eval_batch_size, stop_at_answer_close=cfg.stop_at_answer_close,
-                                          require_boxed=cfg.eval_require_boxed, progress=cfg.progress),
+                                          require_boxed=cfg.eval_require_boxed, temperature=cfg.eval_temperature,
+                                          top_p=cfg.eval_top_p, seed=cfg.seed, progress=cfg.progress),
         }
         timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
     else:
@@ -340,7 +345,10 @@ def format_summary(s: dict) -> str:
         if ev.get("premature_exits_forced_label"):
             lines.append("  judged by the forced-exit labels, P(exit | exiting is wrong):")
             lines += _premature_lines(ev["premature_exits_forced_label"])
-        lines.append("held-out decoding (greedy):")
+        job = s.get("job", {})
+        how = (f"sampled at T = {job['eval_temperature']}, top-p {job.get('eval_top_p')}, the same seeds in every arm"
+               if job.get("eval_temperature") else "greedy")
+        lines.append(f"held-out decoding ({how}):")
         for r in ev["decoding"]:
             extra = (f", tokens {r['token_change']:+.1%}, lost {r['lost_by_exit']} / gained {r['gained_by_exit']} "
                      "problems by exiting" if "token_change" in r else "")

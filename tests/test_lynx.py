@@ -418,6 +418,27 @@ def test_exit_rolls_back_cue_and_answers(tok, model, batch, nth):
         assert out.sequences[b, prompt_len + s.new_tokens:].eq(tok.pad_token_id).all()
 
 
+def test_sampled_exit_arm_follows_the_no_exit_trajectory_until_its_exit(tok, model):
+    # probes.evaluate's sampled arms share seeds: one draw per row per step whatever the rows do
+    ids, mask = _batch(tok, PROMPTS)
+    kwargs = dict(max_new_tokens=MAX_NEW, do_sample=True, temperature=0.8, top_p=0.95,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    prompt_len = ids.shape[1]
+    plain = lynx_generate(model, tok, ids, mask, generator=torch.Generator().manual_seed(5), **kwargs)
+    cues = _frequent_cues(tok, plain.sequences, prompt_len)
+    out = lynx_generate(model, tok, ids, mask, policy=ExitOnNthScore((1, 2), 1), cue_config=cues,
+                        exit_string="</think> Final Answer: \\boxed{", answer_max_tokens=4,
+                        generator=torch.Generator().manual_seed(5), **kwargs)
+    exited = [b for b, st in enumerate(out.stats) if st.exited]
+    assert len(exited) == 1
+    for b, st in enumerate(out.stats):
+        got, ref = out.sequences[b, prompt_len:].tolist(), plain.sequences[b, prompt_len:].tolist()
+        if b in exited:
+            assert got[:st.exit_index] == ref[:st.exit_index]
+        else:  # the other rows' samples do not move when one row exits
+            assert got[:plain.stats[b].new_tokens] == ref[:plain.stats[b].new_tokens]
+
+
 def test_sampling_paths(tok, model):
     logits = torch.randn(4, 50)
     assert torch.equal(_select(logits, True, 1.0, 1, 1.0, None), logits.argmax(-1))  # top-k = 1

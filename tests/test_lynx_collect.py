@@ -20,7 +20,7 @@ from probes.collect import (CollectConfig, CollectError, _AnswerClosed, collect_
 from probes.cues import CueConfig, cue_preset
 from probes.early_exit import NeverExit, lynx_generate
 from probes.export import load_probe
-from probes.pipeline import LynxJobConfig, LynxJobError, run_lynx_job
+from probes.pipeline import LynxJobConfig, LynxJobError, format_summary, run_lynx_job
 
 torch.set_num_threads(1)
 
@@ -306,7 +306,7 @@ def test_job_with_no_regret_labels_reports_both_premature_rates(tiny_model_path,
 
     monkeypatch.setattr(collect_mod, "is_correct", grader)
     forced = run_lynx_job(_job(tmp_path / "a", tiny_model_path))
-    cfg = _job(tmp_path / "b", tiny_model_path, exit_label="no_regret")
+    cfg = _job(tmp_path / "b", tiny_model_path, exit_label="no_regret", eval_temperature=0.7)
     regret = run_lynx_job(cfg)
     pool, held = load_problems(cfg)
     assert forced["collection"]["exit_label"] == "forced" and regret["collection"]["exit_label"] == "no_regret"
@@ -316,6 +316,9 @@ def test_job_with_no_regret_labels_reports_both_premature_rates(tiny_model_path,
     wrong_rollouts = sum(int(x["answer"]) % 6 == 3 for x in held)
     assert f["events"] == r["events"] and (r["positive_rate"] > f["positive_rate"] if wrong_rollouts else True)
     assert forced["evaluation"]["premature_exits_forced_label"] is None
+    sampled = regret["evaluation"]["decoding"]  # held-out decoding sampled at T = 0.7
+    assert [r["arm"] for r in sampled] == ["no exit", "c=0.6", "c=0.8"] and all(r["mean_new_tokens"] > 0 for r in sampled)
+    assert "sampled at T = 0.7" in format_summary(regret)
     judged = regret["evaluation"]["premature_exits_forced_label"]
     assert [x["continue_events"] for x in judged] == [x["continue_events"] for x in forced["evaluation"]["premature_exits"]]
     assert all(a["continue_events"] <= b["continue_events"] for a, b in zip(regret["evaluation"]["premature_exits"], judged))

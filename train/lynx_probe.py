@@ -93,6 +93,10 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=d.eval_batch_size, help="prompts per batch in held-out decoding")
     a("--eval_require_boxed", type=_parse_bool, nargs="?", const=True, default=d.eval_require_boxed, metavar="BOOL",
       help="held-out decoding: an answer counts only inside \\boxed{} (exit answers always are)")
+    a("--eval_temperature", type=float, default=d.eval_temperature,
+      help="held-out decoding: 0 is greedy; > 0 samples at this temperature with --eval_top_p (how R1-style models "
+           "are run), every arm with the same seeds, so an exit arm follows the no-exit trajectory up to its exit")
+    a("--eval_top_p", type=float, default=d.eval_top_p, help="nucleus sampling of the held-out decoding (with --eval_temperature)")
     a("--exit_label", default=d.exit_label, choices=("forced", "no_regret"),
       help="how a cue event is labelled safe: 'forced' (LYNX: the forced answer is correct) or 'no_regret' (the forced "
            "answer is correct, or the rollout's own answer is wrong, so exiting costs nothing); the conformal bound "
