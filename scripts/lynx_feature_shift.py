@@ -72,6 +72,8 @@ def measure(args) -> dict:
     shards = EventShards(summary["events_dir"])
     problems = range(len(pool), len(pool) + len(held))
     events = shards.load(problems, job.max_calibration_events_per_rollout)  # the job's held-out events
+    if job.exit_label != "forced":  # the labels the probe was calibrated with
+        events = events.relabelled(job.exit_label, shards.rollout_correct(tokenizer, pool + held))
     if not len(events):
         raise ShiftError(f"no held-out events in '{summary['events_dir']}'")
     forward = model

@@ -73,6 +73,27 @@ def test_bf16_and_routing_measure_every_confidence(job, capsys):
     assert "calibrated in float32 without routing, features now from bfloat16 with routing" in out
 
 
+def test_no_regret_job_is_measured_with_its_own_labels(tmp_path, job):
+    import json
+
+    model_dir = job[0].parent / "model"
+    patch = pytest.MonkeyPatch()  # forced exits right for even answers; rollouts wrong for multiples of 3
+    patch.setattr(collect_mod, "is_correct", lambda text, gold, require_boxed=True:
+                  int(gold) % 2 == 0 if text.startswith("\nFinal Answer") else int(gold) % 3 != 0)
+    try:
+        run_lynx_job(LynxJobConfig(model_name_or_path=str(model_dir), dataset="arithmetic", num_problems=16,
+                                   num_eval_problems=6, output_dir=str(tmp_path / "lynx"), max_new_tokens=10,
+                                   answer_max_tokens=4, batch_size=8, cue_preset="linebreak", eval_confidences=(0.8,),
+                                   confidence=0.7, progress=False, device="cpu", dtype="float32",
+                                   exit_label="no_regret"))
+        result = shift.main(["--probe", str(tmp_path / "lynx"), "--device", "cpu", "--dtype", "float32"])
+    finally:
+        patch.undo()
+    summary = json.loads((tmp_path / "lynx" / "summary.json").read_text())
+    want = {r["confidence"]: r["continue_events"] for r in summary["evaluation"]["premature_exits"]}
+    assert all(r["continue_events"] == want[r["confidence"]] for r in result["stored"])
+
+
 def test_missing_summary_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         shift.main(["--probe", str(tmp_path), "--device", "cpu"])
