@@ -340,11 +340,15 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--model_name_or_path", "--confidence", "--cue_preset", "--num_eval_problems", "--data_dir"):
+    for flag in ("--model_name_or_path", "--confidence", "--cue_preset", "--num_eval_problems", "--data_dir",
+                 "--exit_label", "--eval_temperature", "--eval_top_p"):
         assert flag in help_text
     out = tmp_path / "lynx"
     for argv, needle in [(["--confidence", "1.5"], "--confidence must be in (0, 1)"),
                          (["--num_problems", "2"], "--num_problems must be >= 4"),
+                         (["--eval_temperature", "-0.5"], "--eval_temperature must be >= 0"),
+                         (["--eval_temperature", "0.6", "--eval_top_p", "0"], "--eval_top_p in (0, 1]"),
+                         (["--exit_label", "oracle"], "--exit_label"),
                          (["--eval_confidences", "0.9,x"], "comma-separated numbers"),
                          (["--data_dir", str(out / "events")], "must not contain each other"),
                          (["--dataset", str(tmp_path / "missing.jsonl")], "does not exist")]:
