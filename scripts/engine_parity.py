@@ -86,7 +86,14 @@ def group_stats(trainer, batch, rewards) -> dict[str, list[float]]:
 
 
 def main(argv=None):
+    from train.cli import main_guard
+
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="engine-parity-") as out_dir:  # the trainer's outputs, not kept
+        return main_guard(lambda: compare(args, out_dir))
+
+
+def compare(args, out_dir: str) -> dict:
     import torch
 
     if args.threads:
@@ -96,7 +103,6 @@ def main(argv=None):
     from algos.trainer import RLTrainer
     from train.cli import parse_config
 
-    out_dir = tempfile.mkdtemp(prefix="engine-parity-")
     argv = ["--config", args.config, "--use_vllm", "true", "--output_dir", out_dir, "--report_to", "none",
             "--num_eval_samples", str(args.num_eval_samples), "--seed", str(args.seed)]
     if args.model:
@@ -158,9 +164,7 @@ def main(argv=None):
 
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1)
-    from train.cli import close_process_group
-
-    close_process_group()
+    return report
 
 
 if __name__ == "__main__":
