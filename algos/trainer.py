@@ -369,9 +369,14 @@ class RLTrainer:
         idx = self.sampler.indices(self.prompts_consumed, per_device * acc.num_processes)
         self.prompts_consumed += per_device * acc.num_processes
         mine = idx[acc.process_index * per_device:(acc.process_index + 1) * per_device]
-        records = [self.train_records[i] for i in mine]
+        return self.prompt_batch(mine)
+
+    def prompt_batch(self, indices: list[int]) -> tuple[list[str], dict[str, list]]:
+        """The model's input texts for these training records, and their columns as rollout extras
+        (with ``dataset_index`` and the TRL-format ``prompt``)."""
+        records = [self.train_records[i] for i in indices]
         extras = {k: [r.get(k) for r in records] for k in records[0]}
-        extras["dataset_index"] = mine
+        extras["dataset_index"] = list(indices)
         extras["prompt"] = [self.dataset_prompt(r) for r in records]
         return [render_prompt(self.tokenizer, p) for p in extras["prompt"]], extras
 

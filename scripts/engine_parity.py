@@ -99,6 +99,7 @@ def compare(args, out_dir: str) -> dict:
     if args.threads:
         os.environ["REPRO_RL_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
+    from algos.evaluation import evaluate_accuracy
     from algos.rollout.hf import HFGenerateEngine
     from algos.trainer import RLTrainer
     from train.cli import parse_config
@@ -109,11 +110,7 @@ def compare(args, out_dir: str) -> dict:
         argv += ["--model_name_or_path", args.model]
     trainer = RLTrainer(parse_config(argv, prog="engine_parity"))
     engines = {"ours": HFGenerateEngine(trainer.tokenizer, trainer.engine.params), "vllm": trainer.engine}
-    records = trainer.train_records[: args.num_prompts]
-    extras = {k: [r.get(k) for r in records] for k in records[0]}
-    extras["dataset_index"] = list(range(len(records)))
-    extras["prompt"] = [trainer.dataset_prompt(r) for r in records]
-    prompts = [trainer.prompt_text(r) for r in records]
+    prompts, extras = trainer.prompt_batch(list(range(min(args.num_prompts, len(trainer.train_records)))))
 
     c = trainer.config
     stats: dict[str, dict[str, list[float]]] = {}
@@ -126,21 +123,11 @@ def compare(args, out_dir: str) -> dict:
         print(f"[parity] {name}: {len(prompts)} prompts x {trainer.config.num_generations} x {args.repeats} sampled",
               flush=True)
 
-    evals = {}
-    if args.num_eval_samples:
-        from algos.rollout.base import SamplingParams
-        from rewards.verify import is_correct
-
-        eval_prompts = [trainer.prompt_text(r) for r in trainer.eval_records]
-        for name, engine in engines.items():
-            p = engine.params
-            greedy = engine.with_params(SamplingParams(max_new_tokens=p.max_new_tokens, do_sample=False,
-                                                       max_prompt_length=p.max_prompt_length))
-            texts = []
-            for lo in range(0, len(eval_prompts), c.eval_batch_size):
-                with trainer.accelerator.autocast():
-                    texts += greedy.generate(trainer.policy, eval_prompts[lo:lo + c.eval_batch_size], 1).completions
-            evals[name] = texts
+    evals = {}  # greedy held-out accuracy, as the trainer evaluates
+    with trainer.accelerator.autocast():
+        for name, engine in engines.items() if args.num_eval_samples else ():
+            evals[name] = evaluate_accuracy(trainer.policy, engine, trainer.eval_records, trainer.prompt_text,
+                                            batch_size=c.eval_batch_size)
 
     print(f"\n== engine parity: {c.model_name_or_path or 'default model'}, {c.dataset}, T = {c.temperature}, "
           f"<= {c.max_completion_length} tokens, {'bf16' if c.bf16 else 'fp32'} trainer, vLLM {engines['vllm'].settings.dtype} ==")
@@ -153,12 +140,12 @@ def compare(args, out_dir: str) -> dict:
         report["stats"][key] = {"ours": [a, sa], "vllm": [b, sb], "z": z}
         print(f"{key:32} {a:10.4f} ± {sa:.4f} {b:10.4f} ± {sb:.4f} {z:+10.2f}")
     if evals:
-        golds = [str(r["answer"]) for r in trainer.eval_records]
-        acc = {k: sum(is_correct(t, g) for t, g in zip(v, golds)) / len(golds) for k, v in evals.items()}
-        same = sum(a == b for a, b in zip(evals["ours"], evals["vllm"]))
+        acc = {k: v["accuracy"] for k, v in evals.items()}
+        same = sum(a == b for a, b in zip(evals["ours"]["completions"], evals["vllm"]["completions"]))
+        n = evals["ours"]["n"]
         print(f"{'held-out greedy accuracy':32} {acc['ours']:18.4f} {acc['vllm']:18.4f}   "
-              f"(n = {len(golds)}; {same} completions identical)")
-        report["held_out"] = {"n": len(golds), "accuracy": acc, "identical_completions": same}
+              f"(n = {n}; {same} completions identical)")
+        report["held_out"] = {"n": n, "accuracy": acc, "identical_completions": same}
     if args.output_json:
         import json
 
