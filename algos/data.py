@@ -11,6 +11,7 @@ import json
 import random
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from algos.data_formats import (DEFAULT_PROMPT_TEMPLATE, DataConfigError, dataset_prompt, find_answer_column,
@@ -19,7 +20,7 @@ from algos.data_formats import (DEFAULT_PROMPT_TEMPLATE, DataConfigError, datase
 SYNTHETIC_TASKS = ("arithmetic", "thinking")  # generated here, with a held-out split of the problem space
 
 __all__ = ["SYNTHETIC_TASKS", "DEFAULT_PROMPT_TEMPLATE", "DataConfigError", "ArithmeticTask", "gsm8k_final_answer", "load_gsm8k",
-           "load_hf_dataset", "load_records", "build_prompt", "in_test_part"]
+           "load_hf_dataset", "load_records", "build_prompt", "in_test_part", "draw_split_problems"]
 
 SHIPPED_DIR = Path(__file__).parent / "datasets"
 GSM8K_TRAIN = SHIPPED_DIR / "gsm8k_train.jsonl"
@@ -29,6 +30,27 @@ def in_test_part(expression: str, fraction: float = 0.3) -> bool:
     """Fixed partition of a problem space: an expression is a test problem iff
     crc32(expression) mod 1000 < 1000 * fraction. The same for every seed and machine."""
     return zlib.crc32(expression.encode()) % 1000 < int(1000 * fraction)
+
+
+def draw_split_problems(draw: Callable[[], dict], n: int, split: str, test_fraction: float,
+                        accept: Callable[[dict], None] | None = None) -> list[dict]:
+    """Up to ``n`` problems from ``draw()`` whose ``expression`` lies in ``split`` (:func:`in_test_part`).
+    Train keeps repeats; test keeps distinct expressions and stops after 5000 draws in a row find no new
+    one (the test part may hold fewer than ``n``). ``accept(problem)`` runs on each kept problem in
+    draw order (the thinking task writes its trace there, from the same random stream)."""
+    want_test = split == "test"
+    records, seen, misses = [], set(), 0
+    while len(records) < n and misses < 5000:
+        p = draw()
+        if in_test_part(p["expression"], test_fraction) != want_test or (want_test and p["expression"] in seen):
+            misses += 1
+            continue
+        misses = 0
+        seen.add(p["expression"])
+        if accept is not None:
+            accept(p)
+        records.append(p)
+    return records
 
 
 @dataclass(frozen=True)
@@ -70,16 +92,7 @@ class ArithmeticTask:
         if split not in ("train", "test"):
             raise DataConfigError(f"arithmetic split must be 'train' or 'test', got '{split}'")
         rng = random.Random(f"arith-{split}-{seed}")
-        want_test = split == "test"
-        records, seen, misses = [], set(), 0
-        while len(records) < n and misses < 5000:
-            p = self.problem(rng)
-            if in_test_part(p["expression"], self.test_fraction) != want_test or (want_test and p["expression"] in seen):
-                misses += 1
-                continue
-            misses = 0
-            seen.add(p["expression"])
-            records.append(p)
+        records = draw_split_problems(lambda: self.problem(rng), n, split, self.test_fraction)
         if not records:
             raise DataConfigError(f"arithmetic task {self} has no {split} problems; use more digits or operands")
         return records

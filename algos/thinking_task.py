@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from algos.data import in_test_part
+from algos.data import draw_split_problems
 from algos.data_formats import DataConfigError
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -124,17 +124,11 @@ class ThinkingTask:
         if split not in ("train", "test"):
             raise DataConfigError(f"thinking task split must be 'train' or 'test', got '{split}'")
         rng = random.Random(f"thinking-{split}-{seed}")
-        want_test = split == "test"
-        records, seen, misses = [], set(), 0
-        while len(records) < n and misses < 5000:
-            p = self.problem(rng)
-            if in_test_part(p["expression"], self.test_fraction) != want_test or (want_test and p["expression"] in seen):
-                misses += 1
-                continue
-            misses = 0
-            seen.add(p["expression"])
+
+        def add_trace(p: dict) -> None:
             p["completion"] = self.trace(p, rng)
-            records.append(p)
+
+        records = draw_split_problems(lambda: self.problem(rng), n, split, self.test_fraction, accept=add_trace)
         if not records:
             raise DataConfigError(f"thinking task {self} has no {split} problems; use more digits or operands")
         return records

@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from algos.device import add_device_arguments, dtype_name, resolve_device_dtype  # noqa: E402
+from scripts.bench_rl_step import RssPeak  # noqa: E402
 
 METHODS = ("full", "chunked")
 
@@ -67,25 +67,6 @@ def parse_args(argv=None):
     if min(args.batch_size, args.prompt_length, args.chunk_size, args.repeats) < 1 or args.temperature <= 0:
         p.error("--batch_size, --prompt_length, --chunk_size, --repeats must be >= 1, --temperature > 0")
     return args
-
-
-class RssPeak:
-    """Highest resident set size (bytes) seen by a 5 ms sampling thread since ``reset``."""
-
-    def __init__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.reset()
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def reset(self):
-        self.peak = self.start = self.process.memory_info().rss
 
 
 def policy_logprobs(model, ids, keep: int, method: str, temperature: float, chunk_size: int):
