@@ -115,7 +115,8 @@ def test_two_process_run_with_vllm_ends_with_equal_weights(tmp_path):
                   "train/grpo.py", "--use_vllm", "true", "--model_name_or_path", str(model),
                   "--reward", "format", "--max_steps", "2", "--num_generations", "4",
                   "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--num_eval_samples", "8",
-                  "--learning_rate", "1e-3", "--report_to", "none", "--output_dir", str(out)])
+                  "--learning_rate", "1e-3", "--dynamic_sampling", "true", "--dynamic_sampling_max_rounds", "2",
+                  "--report_to", "none", "--output_dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     state = json.loads((out / "final" / "trainer_state.json").read_text())
@@ -124,6 +125,8 @@ def test_two_process_run_with_vllm_ends_with_equal_weights(tmp_path):
     assert a == b, "the two processes ended with different weights"
     steps = [json.loads(l) for l in open(out / "metrics.jsonl") if "vllm/abs_logprob_diff" in l]
     assert len(steps) == 2
+    # dynamic sampling ran its rounds in step on both processes, each with its own engine
+    assert all(1 <= s["dynamic_sampling/rounds"] <= 2 for s in steps)
 
 
 @pytest.mark.slow
