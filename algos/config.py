@@ -111,6 +111,9 @@ class RLConfig:
     vllm_max_model_len: int = _f(0, "vLLM: context length (0: max_prompt_length + max_completion_length).")
     vllm_dtype: str = _f("auto", "vLLM weights and activations: auto (bfloat16 with --bf16, else float32), "
                          "bfloat16 or float32.", choices=("auto", "bfloat16", "float32"))
+    vllm_enforce_eager: str = _f("auto", "vLLM: run the model eagerly (true) or compiled (false: torch.compile, "
+                                 "and CUDA graphs on a GPU). auto: eager on CPU (compiling takes about 2 min "
+                                 "there), vLLM's compiled default on CUDA.", choices=("auto", "true", "false"))
     vllm_importance_sampling_correction: bool = _f(True, "With vLLM: weight the policy loss by the truncated "
                                                    "importance ratio pi_train / pi_vllm of the sampled tokens.")
     vllm_importance_sampling_mode: str = _f("token_truncate", "How the ratio is formed and capped: "

@@ -289,7 +289,8 @@ class RLTrainer:
         return VLLMSettings(mode=c.vllm_mode, gpu_memory_utilization=c.vllm_gpu_memory_utilization,
                             enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=c.vllm_max_model_len,
                             dtype=dtype, seed=c.seed + self.accelerator.process_index,
-                            max_num_seqs=max(c.rollout_batch_size, c.eval_batch_size))
+                            max_num_seqs=max(c.rollout_batch_size, c.eval_batch_size),
+                            enforce_eager=None if c.vllm_enforce_eager == "auto" else c.vllm_enforce_eager == "true")
 
     def _vllm_engine(self, sampling: SamplingParams):
         from algos.rollout.vllm_engine import VLLMEngine

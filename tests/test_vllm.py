@@ -203,3 +203,36 @@ def test_bad_vllm_settings_are_one_line_from_the_cli(case, tmp_path, tiny_model_
     assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "final").exists()
+
+
+@needs_vllm
+@pytest.mark.parametrize("setting, expected", [("auto", True), ("true", True), ("false", False)])
+def test_enforce_eager_reaches_vllm(setting, expected, monkeypatch, tmp_path):
+    """--vllm_enforce_eager on CPU: auto and true run vLLM eagerly, false lets it compile."""
+    import types
+
+    import vllm
+
+    from algos.rollout import vllm_engine
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(vllm_engine.torch.cuda, "is_available", lambda: False)
+    config = RLConfig(use_vllm=True, vllm_enforce_eager=setting, output_dir=str(tmp_path))
+    from algos.trainer import RLTrainer
+
+    trainer = types.SimpleNamespace(config=config, accelerator=types.SimpleNamespace(process_index=0))
+    settings = RLTrainer._vllm_settings(trainer)  # the config -> engine settings mapping
+    model_config = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
+    engine = object.__new__(vllm_engine.VLLMEngine)
+    engine.settings = settings
+    engine.params = SamplingParams(temperature=config.temperature)
+    assert isinstance(engine._start("model", model_config, 64, 0, 1), FakeLLM)
+    assert seen["enforce_eager"] is expected
+    with pytest.raises(ConfigError, match="vllm_enforce_eager"):
+        RLConfig(vllm_enforce_eager="maybe")

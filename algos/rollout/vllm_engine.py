@@ -50,6 +50,7 @@ class VLLMSettings:
     dtype: str = "bfloat16"         # vLLM's weights and activations
     seed: int = 0
     max_num_seqs: int = 256         # sequences decoded concurrently
+    enforce_eager: bool | None = None  # None: eager on CPU, vLLM's compiled default on CUDA
 
 
 def vllm_available() -> bool:
@@ -229,13 +230,17 @@ class VLLMEngine:
                       enable_prefix_caching=True)
         if world > 1:  # each process runs its own engine inside the existing process group (TRL's colocate)
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if s.enforce_eager is not None or not cuda:
+            # CPU: eager unless asked; compiling (torch.compile) takes about 2 minutes on 2 cores
+            # (docs/performance.md, "vLLM rollouts")
+            kwargs["enforce_eager"] = True if s.enforce_eager is None else s.enforce_eager
         if cuda:
             kwargs.update(gpu_memory_utilization=s.gpu_memory_utilization, enable_sleep_mode=s.enable_sleep_mode)
         else:
-            # CPU: compiling the graph takes minutes and gains nothing here; size the KV cache for one full
-            # batch of sequences of max_model_len tokens instead of a share of memory.
+            # CPU: size the KV cache for one full batch of sequences of max_model_len tokens instead of a
+            # share of memory.
             dtype_bytes = 4 if s.dtype in ("float32", "fp32") else 2
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=max(
+            kwargs.update(kv_cache_memory_bytes=max(
                 kv_cache_bytes(model_config, s.max_num_seqs * max_len, dtype_bytes), 64 << 20))
         try:
             from vllm import LLM
