@@ -112,7 +112,7 @@ class RLConfig:
     vllm_dtype: str = _f("auto", "vLLM weights and activations: auto (bfloat16 with --bf16, else float32), "
                          "bfloat16 or float32.", choices=("auto", "bfloat16", "float32"))
     vllm_enforce_eager: str = _f("auto", "vLLM: run the model eagerly (true) or compiled (false: torch.compile, "
-                                 "and CUDA graphs on a GPU). auto: eager on CPU (compiling takes about 2 min "
+                                 "and CUDA graphs on a GPU). auto: eager on CPU (compiling takes about a minute "
                                  "there), vLLM's compiled default on CUDA.", choices=("auto", "true", "false"))
     vllm_importance_sampling_correction: bool = _f(True, "With vLLM: weight the policy loss by the truncated "
                                                    "importance ratio pi_train / pi_vllm of the sampled tokens.")

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     ap.add_argument("--use_vllm", action="store_true",
                     help="also time ours with the colocated vLLM engine, and TRL with vLLM in a child process")
     ap.add_argument("--vllm_enforce_eager", default="auto", choices=("auto", "true", "false"),
-                    help="ours with vLLM: eager (true) or compiled (false; about 2 min of compiling on CPU, "
+                    help="ours with vLLM: eager (true) or compiled (false; about a minute of compiling on CPU, "
                          "not counted in the steps); auto: eager on CPU")
     ap.add_argument("--trl_vllm_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)

@@ -231,7 +231,7 @@ class VLLMEngine:
         if world > 1:  # each process runs its own engine inside the existing process group (TRL's colocate)
             kwargs["distributed_executor_backend"] = "external_launcher"
         if s.enforce_eager is not None or not cuda:
-            # CPU: eager unless asked; compiling (torch.compile) takes about 2 minutes on 2 cores
+            # CPU: eager unless asked; compiling (torch.compile) takes about a minute on 2 cores
             # (docs/performance.md, "vLLM rollouts")
             kwargs["enforce_eager"] = True if s.enforce_eager is None else s.enforce_eager
         if cuda:
