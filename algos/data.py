@@ -11,8 +11,8 @@ import json
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from algos.data_formats import (DEFAULT_PROMPT_TEMPLATE, DataConfigError, dataset_prompt, find_answer_column,
                                 gsm8k_final_answer, prompt_column, render_prompt, to_record)
