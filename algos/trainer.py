@@ -282,7 +282,7 @@ class RLTrainer:
             print(text, flush=True)
 
     def _vllm_settings(self):
-        from algos.rollout.vllm_engine import VLLMSettings
+        from algos.rollout.vllm_engine import VLLMSettings, enforce_eager_setting
 
         c = self.config
         dtype = c.vllm_dtype if c.vllm_dtype != "auto" else ("bfloat16" if c.bf16 else "float32")
@@ -290,7 +290,7 @@ class RLTrainer:
                             enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=c.vllm_max_model_len,
                             dtype=dtype, seed=c.seed + self.accelerator.process_index,
                             max_num_seqs=max(c.rollout_batch_size, c.eval_batch_size),
-                            enforce_eager=None if c.vllm_enforce_eager == "auto" else c.vllm_enforce_eager == "true")
+                            enforce_eager=enforce_eager_setting(c.vllm_enforce_eager))
 
     def _vllm_engine(self, sampling: SamplingParams):
         from algos.rollout.vllm_engine import VLLMEngine

@@ -193,14 +193,14 @@ class VLLMPlain:
         import torch
 
         from algos.rollout import SamplingParams
-        from algos.rollout.vllm_engine import VLLMEngine, VLLMSettings
+        from algos.rollout.vllm_engine import VLLMEngine, VLLMSettings, enforce_eager_setting
 
         self.model = decoder.model
         dtype = args.vllm_dtype if args.vllm_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                 temperature=args.temperature, max_prompt_length=1024)
         settings = VLLMSettings(dtype=dtype, seed=args.seed, max_num_seqs=max(args.batch_size, 8),
-                                enforce_eager=None if args.vllm_enforce_eager == "auto" else args.vllm_enforce_eager == "true")
+                                enforce_eager=enforce_eager_setting(args.vllm_enforce_eager))
         self.engine = VLLMEngine(decoder.tokenizer, params, settings, vllm_model_path(args.model), self.model.config)
 
     def generate(self, prompts: list[str], seed: int = 0, **_) -> "DecodeOutput":

@@ -53,6 +53,11 @@ class VLLMSettings:
     enforce_eager: bool | None = None  # None: eager on CPU, vLLM's compiled default on CUDA
 
 
+def enforce_eager_setting(value: str) -> bool | None:
+    """``--vllm_enforce_eager`` ('auto', 'true', 'false') as :attr:`VLLMSettings.enforce_eager`."""
+    return None if value == "auto" else value == "true"
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -230,10 +235,11 @@ class VLLMEngine:
                       enable_prefix_caching=True)
         if world > 1:  # each process runs its own engine inside the existing process group (TRL's colocate)
             kwargs["distributed_executor_backend"] = "external_launcher"
-        if s.enforce_eager is not None or not cuda:
-            # CPU: eager unless asked; compiling (torch.compile) takes about a minute on 2 cores
-            # (docs/performance.md, "vLLM rollouts")
-            kwargs["enforce_eager"] = True if s.enforce_eager is None else s.enforce_eager
+        # auto (None): eager on CPU, where compiling (torch.compile) takes about a minute on 2 cores
+        # (docs/performance.md, "vLLM rollouts"); vLLM's own default (compiled) on CUDA
+        eager = s.enforce_eager if s.enforce_eager is not None else (None if cuda else True)
+        if eager is not None:
+            kwargs["enforce_eager"] = eager
         if cuda:
             kwargs.update(gpu_memory_utilization=s.gpu_memory_utilization, enable_sleep_mode=s.enable_sleep_mode)
         else:
