@@ -106,6 +106,17 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return str(target)
 
 
+def load_model_config(name_or_path: str | None):
+    """The model's transformers config, or one line naming the path that has none."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a model config from '{path}': {exc}".splitlines()[0]) from exc
+
+
 def load_tokenizer(name_or_path: str | None, padding_side: str = "left"):
     """Tokenizer with a pad token and left padding (for batched generation)."""
     from transformers import AutoTokenizer

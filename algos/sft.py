@@ -19,8 +19,11 @@ with a progress bar) and caches it next to the converted default.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,15 +183,53 @@ def thinking_model_path() -> Path:
     """The thinking default, built with :data:`THINKING_RECIPE` on first use and cached."""
     from algos.models import cache_dir
 
-    target = cache_dir() / f"{THINKING_MODEL}-{RECIPE_VERSION}"
-    if not (target / "config.json").exists():
+    return build_cached(cache_dir() / f"{THINKING_MODEL}-{RECIPE_VERSION}")
+
+
+# What `accelerate launch` / torchrun hand a training process; the build must not inherit it.
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+def build_cached(target: Path, overrides: dict | None = None) -> Path:
+    """``target`` built with :data:`THINKING_RECIPE` (scalar fields replaced by ``overrides``), once.
+
+    The build runs under a file lock, so the processes of one launch and concurrent jobs build it once
+    (the others wait, then load it), and in a child process: a job that needs the model may already hold
+    an Accelerate state (mixed precision, DeepSpeed, a process group) that TRL's trainer must not share.
+    The child uses every core, or ``REPRO_RL_NUM_THREADS``."""
+    from filelock import FileLock
+
+    from algos.models import ModelLoadError
+
+    target = Path(target)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():  # another process built it while this one waited
+            return target
         print(f"[repro-rl] building the thinking default model {THINKING_MODEL} (one time: SFT of the embedded "
               f"default on {THINKING_RECIPE.num_train_samples} seeded thinking traces, a few minutes on CPU) "
               f"-> {target}", flush=True)
-        recipe = SFTJobConfig(**{**THINKING_RECIPE.__dict__, "output_dir": str(target)})
-        run_sft(recipe)
+        env = {k: v for k, v in os.environ.items()
+               if k not in _LAUNCH_VARIABLES and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+        env["OMP_NUM_THREADS"] = os.environ.get("REPRO_RL_NUM_THREADS") or str(os.cpu_count() or 1)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
+        code = ("import json, sys; from algos.sft import build_recipe; from train.cli import main_guard; "
+                "main_guard(lambda: build_recipe(sys.argv[1], json.loads(sys.argv[2])))")
+        done = subprocess.run([sys.executable, "-c", code, str(target), json.dumps(overrides or {})], env=env)
+        if done.returncode != 0 or not (target / "config.json").exists():
+            raise ModelLoadError(f"building {THINKING_MODEL} failed (exit code {done.returncode}; its output is "
+                                 f"above); run `python train/sft.py --output_dir {target}` to see it on its own")
     return target
 
 
-__all__ = ["SFTJobConfig", "THINKING_MODEL", "THINKING_RECIPE", "TraceStyle", "add_think_tokens", "run_sft",
-           "thinking_model_path", "thinking_records"]
+def build_recipe(output_dir: str, overrides: dict) -> Path:
+    """:data:`THINKING_RECIPE` with scalar ``overrides``, run into ``output_dir`` (the child's job)."""
+    return run_sft(SFTJobConfig(**{**THINKING_RECIPE.__dict__, **overrides, "output_dir": output_dir}))
+
+
+__all__ = ["SFTJobConfig", "THINKING_MODEL", "THINKING_RECIPE", "TraceStyle", "add_think_tokens", "build_cached",
+           "build_recipe", "run_sft", "thinking_model_path", "thinking_records"]

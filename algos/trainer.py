@@ -38,7 +38,7 @@ from algos.kl import kl_estimate
 from algos.logprobs import logits_to_keep, response_logprobs
 from algos.losses import aggregate, aggregation_denominator, policy_loss, value_loss
 from algos.micro_batching import token_budget_batches
-from algos.models import load_causal_lm, load_tokenizer, output_head, resolve_model_path
+from algos.models import load_causal_lm, load_model_config, load_tokenizer, output_head, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
@@ -153,6 +153,10 @@ class RLTrainer:
         # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes 2` then runs
         # data-parallel on CPU over gloo instead of N unrelated single-process runs; a DeepSpeed
         # launch on the CPU gets cpu=False and gloo instead (algos.deepspeed_setup).
+        if c.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            from algos.device import DeviceError
+            raise DeviceError("--bf16 (on by default) needs a GPU with bfloat16 (Ampere or newer): "
+                              "pass --bf16 false")
         self.accelerator = Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps,
                                        mixed_precision="bf16" if c.bf16 else "no",
                                        **accelerator_placement())
@@ -190,12 +194,9 @@ class RLTrainer:
                                   top_p=c.top_p, top_k=c.top_k, max_prompt_length=c.max_prompt_length,
                                   batch_size=c.generation_batch_size, drop_finished=c.drop_finished_sequences)
         if c.use_vllm:  # vLLM missing, an unsupported model or too short a context: one line, before loading
-            from transformers import AutoConfig
-
             from algos.rollout.vllm_engine import check_settings
 
-            check_settings(AutoConfig.from_pretrained(resolve_model_path(c.model_name_or_path)), sampling,
-                           self._vllm_settings())
+            check_settings(load_model_config(c.model_name_or_path), sampling, self._vllm_settings())
 
         # Model, tokenizer, reference, critic --------------------------------------------------
         self.tokenizer = load_tokenizer(c.model_name_or_path)
@@ -784,6 +785,10 @@ class RLTrainer:
                                        self.accelerator, batch_size=self.config.eval_batch_size)
         return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"]}
 
+    def eval_line(self, result: dict) -> str:
+        return (f"{result['eval/accuracy']:.3f} on {len(self.eval_records)} problems "
+                f"(greedy, mean completion {result['eval/completion_length']:.0f} tokens)")
+
     def weight_checksums(self) -> list[float]:
         """Sum of all weights on each process: equal values mean the replicas did not diverge."""
         with torch.no_grad():
@@ -834,8 +839,7 @@ class RLTrainer:
         summary = {}
         if c.eval_on_start and self.step == 0:
             summary["eval_start"] = self.evaluate()
-            self.log_main(f"[repro-rl] held-out accuracy before training: "
-                          f"{summary['eval_start']['eval/accuracy']:.3f} on {len(self.eval_records)} problems")
+            self.log_main(f"[repro-rl] held-out accuracy before training: {self.eval_line(summary['eval_start'])}")
             if self.tracker:
                 self.tracker.log(summary["eval_start"], step=0)
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{c.algorithm}", unit="step",
@@ -861,8 +865,7 @@ class RLTrainer:
         summary["last_metrics"] = metrics
         if self.eval_records and c.num_eval_samples:
             summary["eval_end"] = self.evaluate()
-            self.log_main(f"[repro-rl] held-out accuracy after training: "
-                          f"{summary['eval_end']['eval/accuracy']:.3f} on {len(self.eval_records)} problems")
+            self.log_main(f"[repro-rl] held-out accuracy after training: {self.eval_line(summary['eval_end'])}")
             if self.tracker:
                 self.tracker.log(summary["eval_end"], step=self.step)
         if self.tracker:

@@ -136,7 +136,8 @@ def row_grpo(model_path: str, dry_run: bool, peak: float) -> tuple[str, str]:
     config = RLConfig(algorithm="grpo", model_name_or_path=model_path, output_dir=out, dataset="arithmetic",
                       num_generations=group, per_device_train_batch_size=prompts * group, max_completion_length=length,
                       max_steps=steps, reward=REWARD, report_to="none", log_completions_steps=0, num_eval_samples=0,
-                      bf16=True, learning_rate=1e-6)
+                      bf16=True, learning_rate=1e-6, use_vllm=False, gradient_accumulation_steps=1,
+                      temperature=1.0, eval_on_start=False)
     trainer = RLTrainer(config)
     n_linear = sum(m.weight.numel() for m in trainer.policy.modules() if isinstance(m, torch.nn.Linear))
     rates, mfus = [], []
@@ -224,7 +225,9 @@ def row_zero(stage: str, model_path: str, dry_run: bool) -> tuple[str, str]:
                       "--mixed_precision", "no" if dry_run else "bf16", "train/grpo.py", "--model_name_or_path",
                       model_path, "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "8",
                       "--max_completion_length", str(length), "--num_eval_samples", "0", "--report_to", "none",
-                      "--reward", REWARD, "--output_dir", out] + ([] if dry_run else ["--bf16", "true"]), 600, env)
+                      "--reward", REWARD, "--output_dir", out, "--dataset", "arithmetic", "--use_vllm", "false",
+                      "--gradient_accumulation_steps", "1", "--eval_on_start", "false",
+                      "--bf16", "false" if dry_run else "true"], 600, env)
     seconds = time.perf_counter() - start
     used_deepspeed = any(Path(out).glob("final/trainer_state/zero_to_fp32.py"))  # written by DeepSpeed's save
     shutil.rmtree(out, ignore_errors=True)

@@ -16,6 +16,7 @@ from algos.config import RLConfig  # noqa: E402
 from algos.trainer import RLTrainer  # noqa: E402
 from rewards import RewardOutput  # noqa: E402
 from train.cli import close_process_group  # noqa: E402
+from plain_settings import PLAIN  # noqa: E402
 
 # The global batch: 3 groups of 2. Rows 0-3 (groups 0, 1) are short, rows 4-5 (group 2) long, so
 # process 0 holds 4 sequences of 2 tokens (8 tokens) and process 1 2 sequences of 24 (48 tokens).
@@ -36,9 +37,9 @@ def global_batch(vocab: int) -> RolloutBatch:
 
 
 def main(model, out, algorithm, loss_type, scale):
-    config = RLConfig(model_name_or_path=model, output_dir=os.path.dirname(out), algorithm=algorithm,
+    config = RLConfig(**{**PLAIN, "gradient_accumulation_steps": 2}, model_name_or_path=model, output_dir=os.path.dirname(out), algorithm=algorithm,
                       loss_type=loss_type, scale_rewards=scale, beta=0.0, num_generations=2,
-                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                      per_device_train_batch_size=2, max_steps=1,
                       max_completion_length=24, report_to="none", num_eval_samples=0, max_grad_norm=0.0,
                       reward="accuracy")
     trainer = RLTrainer(config)

@@ -24,9 +24,9 @@ def test_yaml_then_flags_flags_win(tmp_path):
 
 
 def test_sweep_style_key_equals_value():
-    config = parse_config(["--beta=0.04", "--loss_type=dr_grpo", "--use_peft=true", "--max_steps=7"],
+    config = parse_config(["--beta=0.04", "--loss_type=dr_grpo", "--use_peft=true", "--max_steps=9"],
                           prog="grpo.py", fixed={"algorithm": "grpo"})
-    assert (config.beta, config.loss_type, config.use_peft, config.max_steps) == (0.04, "dr_grpo", True, 7)
+    assert (config.beta, config.loss_type, config.use_peft, config.max_steps) == (0.04, "dr_grpo", True, 9)
     assert config.kl_kind == "k3" and not config.kl_in_reward and config.agg_mode == "seq-mean-token-sum-norm"
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from plain_settings import PLAIN_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 REWARD = f"{ROOT / 'tests' / 'rewards_for_tests.py'}:length_reward"
 
@@ -26,7 +28,7 @@ def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[
     result = subprocess.run(
         [str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
          f"configs/accelerate/{stage}.yaml", "--num_processes", "2", "--mixed_precision", "no",
-         f"train/{algorithm}.py", "--model_name_or_path", model_path, "--reward", reward, "--max_steps", "2",
+         f"train/{algorithm}.py", *PLAIN_FLAGS, "--model_name_or_path", model_path, "--reward", reward, "--max_steps", "2",
          "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
          "--num_eval_samples", "0", "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out),
          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -15,6 +15,7 @@ from algos.logprobs import logprobs_from_logits
 from algos.models import load_tokenizer
 from algos.rollout import SamplingParams
 from rewards.metrics import majority_answer, sample_metrics
+from plain_settings import PLAIN
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Count to five."]
 
@@ -201,8 +202,9 @@ def test_grpo_with_eager_rollouts_trains_on_variable_groups(tiny_model_path, tmp
     from algos.trainer import RLTrainer
 
     rewards = str(Path(__file__).parent / "rewards_for_tests.py")
-    config = RLConfig(model_name_or_path=tiny_model_path, output_dir=str(tmp_path), max_steps=2,
-                      num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    config = RLConfig(**{**PLAIN, "gradient_accumulation_steps": 2}, model_name_or_path=tiny_model_path,
+                      output_dir=str(tmp_path), max_steps=2,
+                      num_generations=4, per_device_train_batch_size=4,
                       max_completion_length=8, report_to="none", num_eval_samples=0,
                       reward=f"{rewards}:{'length_reward' if mode == 'init' else 'negative_length'}",
                       learning_rate=1e-3, seed=3, rollout="eager",

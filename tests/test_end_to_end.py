@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from plain_settings import PLAIN_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = str(ROOT / "tests" / "rewards_for_tests.py")
 
@@ -37,7 +39,8 @@ def test_default_model_is_converted_once_without_quantization_config():
 @pytest.mark.slow
 def test_grpo_end_to_end_on_the_default_model(tmp_path):
     out = tmp_path / "run"
-    result = run([sys.executable, "train/grpo.py", "--reward", "accuracy,format", "--max_steps", "2",
+    result = run([sys.executable, "train/grpo.py", *PLAIN_FLAGS, "--model_name_or_path", "smollm2-135m-instruct",
+                  "--reward", "accuracy,format", "--max_steps", "2",
                   "--num_generations", "4", "--per_device_train_batch_size", "8",
                   "--max_completion_length", "16", "--num_eval_samples", "8", "--eval_on_start",
                   "--output_dir", str(out), "--report_to", "wandb", "--save_steps", "1"])
@@ -60,7 +63,7 @@ def test_two_process_data_parallel_run(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     launcher = Path(sys.executable).parent / "accelerate"  # the venv's, even when it is not activated
     result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py", *PLAIN_FLAGS,
                   "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
                   "--max_steps", "3", "--num_generations", "4", "--per_device_train_batch_size", "8",
                   "--max_completion_length", "8", "--num_eval_samples", "8", "--report_to", "none",

@@ -18,13 +18,14 @@ from algos.models import load_causal_lm, load_tokenizer
 from algos.rollout import HFGenerateEngine, SamplingParams
 from algos.rollout.sampler import sample_dropping_finished
 from algos.trainer import RLTrainer, UpdateInputs, length_buckets, position_ids_from_mask, trim_padding
+from plain_settings import PLAIN
 
 REWARDS = str(Path(__file__).parent / "rewards_for_tests.py")
 QUESTIONS = ("What is 2 + 3?", "Name a colour, briefly please.")
 
 
 def make_config(model_path, out, **overrides) -> RLConfig:
-    values = dict(model_name_or_path=model_path, output_dir=str(out), max_steps=1, num_generations=4,
+    values = dict(PLAIN, model_name_or_path=model_path, output_dir=str(out), max_steps=1, num_generations=4,
                   per_device_train_batch_size=8, max_completion_length=8, report_to="none",
                   num_eval_samples=0, reward=f"{REWARDS}:length_reward", learning_rate=1e-3,
                   log_completions_steps=0, seed=3)

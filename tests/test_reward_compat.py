@@ -25,6 +25,7 @@ from algos.models import load_causal_lm, load_tokenizer
 from algos.trainer import RLTrainer
 from rewards import RewardConfigError, RewardStack
 from rewards.repro import ReproConfig, ReproReward
+from plain_settings import PLAIN
 
 TESTS = Path(__file__).parent
 REWARDS = str(TESTS / "rewards_for_tests.py")
@@ -35,7 +36,7 @@ QUESTIONS = [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8"), ("What is 7 - 2?"
 def grpo_step(model_path, out, dataset, reward, prompts: int = 2, **overrides) -> tuple[dict, list[dict]]:
     """One GRPO step (``prompts`` x 4 completions); (the step's metrics, every logged completion)."""
     n = 4 * prompts
-    values = dict(model_name_or_path=model_path, output_dir=str(out), dataset=str(dataset), reward=reward,
+    values = dict(PLAIN, model_name_or_path=model_path, output_dir=str(out), dataset=str(dataset), reward=reward,
                   max_steps=1, num_generations=4, per_device_train_batch_size=n, max_completion_length=8,
                   num_eval_samples=0, report_to="none", log_completions_steps=1, num_completions_to_print=n,
                   learning_rate=1e-3, seed=3)

@@ -99,17 +99,28 @@ def test_default_model_name_resolves_to_the_cached_thinking_build(monkeypatch, t
     import algos.sft
     from algos.models import resolve_model_path
 
-    built = []
-
-    def fake_run_sft(config):
-        built.append(config)  # nothing trained here: the recipe's wiring and the cache are what is checked
-        Path(config.output_dir).mkdir(parents=True)
-        (Path(config.output_dir) / "config.json").write_text("{}")
-
+    asked = []
     monkeypatch.setenv("REPRO_RL_CACHE", str(tmp_path))
-    monkeypatch.setattr(algos.sft, "run_sft", fake_run_sft)
+    monkeypatch.setattr(algos.sft, "build_cached", lambda target: asked.append(target) or target)
     path = resolve_model_path("smollm2-135m-thinking")
-    assert len(built) == 1 and built[0].dataset == "thinking" and built[0].model_name_or_path is None
-    assert str(path).startswith(str(tmp_path)) and algos.sft.RECIPE_VERSION in str(path)
-    resolve_model_path("smollm2-135m-thinking")
-    assert len(built) == 1  # cached: not built again
+    assert asked == [tmp_path / f"smollm2-135m-thinking-{algos.sft.RECIPE_VERSION}"] and path == str(asked[0])
+    assert algos.sft.THINKING_RECIPE.dataset == "thinking" and algos.sft.THINKING_RECIPE.model_name_or_path is None
+
+
+def test_build_cached_builds_once_in_a_child_process(tiny_model_path, tmp_path, monkeypatch):
+    from algos.models import ModelLoadError
+    from algos.sft import build_cached
+
+    tiny = {"model_name_or_path": tiny_model_path, "num_train_samples": 8, "per_device_train_batch_size": 4,
+            "max_length": 256, "bf16": False, "learning_rate": 1e-2, "progress": False}
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a launcher's state: the child drops it
+    target = build_cached(tmp_path / "thinking", tiny)
+    assert target == tmp_path / "thinking" and (target / "model.safetensors").exists()
+    assert json.loads((target / "sft_recipe.json").read_text())["num_train_samples"] == 8
+    stamp = (target / "model.safetensors").stat().st_mtime
+    # cached: a second call returns it without building (this recipe could not build)
+    assert build_cached(target, {"model_name_or_path": str(tmp_path / "missing")}) == target
+    assert (target / "model.safetensors").stat().st_mtime == stamp
+    with pytest.raises(ModelLoadError, match="building smollm2-135m-thinking failed.*train/sft.py"):
+        build_cached(tmp_path / "other", {**tiny, "model_name_or_path": str(tmp_path / "missing")})
+    assert not (tmp_path / "other").exists()

