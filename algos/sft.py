@@ -215,6 +215,9 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
         env = {k: v for k, v in os.environ.items()
                if k not in _LAUNCH_VARIABLES and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
         env["OMP_NUM_THREADS"] = os.environ.get("REPRO_RL_NUM_THREADS") or str(os.cpu_count() or 1)
+        gpu = _one_gpu()
+        if gpu is not None:  # one process on one GPU: TRL's trainer refuses DataParallel over several
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
         code = ("import json, sys; from algos.sft import build_recipe; from train.cli import main_guard; "
@@ -224,6 +227,16 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
             raise ModelLoadError(f"building {THINKING_MODEL} failed (exit code {done.returncode}; its output is "
                                  f"above); run `python train/sft.py --output_dir {target}` to see it on its own")
     return target
+
+
+def _one_gpu() -> str | None:
+    """The GPU the build should see when several are visible (the first visible one), else None."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[0].strip() if visible else "0"
 
 
 def build_recipe(output_dir: str, overrides: dict) -> Path:
