@@ -3,6 +3,9 @@ saved atomically with its recipe, and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,15 +110,22 @@ def test_default_model_name_resolves_to_the_cached_thinking_build(monkeypatch, t
     assert algos.sft.THINKING_RECIPE.dataset == "thinking" and algos.sft.THINKING_RECIPE.model_name_or_path is None
 
 
-def test_build_cached_builds_once_in_a_child_process(tiny_model_path, tmp_path, monkeypatch):
+def test_build_cached_builds_once_in_a_child_process(tiny_model_path, tmp_path):
     from algos.models import ModelLoadError
     from algos.sft import build_cached
 
     tiny = {"model_name_or_path": tiny_model_path, "num_train_samples": 8, "per_device_train_batch_size": 4,
             "max_length": 256, "bf16": False, "learning_rate": 1e-2, "progress": False}
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a launcher's state: the child drops it
-    target = build_cached(tmp_path / "thinking", tiny)
-    assert target == tmp_path / "thinking" and (target / "model.safetensors").exists()
+    # two processes of one launch ask at once (with a launcher's state, which the child drops): one builds
+    code = "import json, sys; from algos.sft import build_cached; build_cached(sys.argv[1], json.loads(sys.argv[2]))"
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "PYTHONPATH": str(Path(__file__).parents[1])}
+    target = tmp_path / "thinking"
+    both = [subprocess.Popen([sys.executable, "-c", code, str(target), json.dumps(tiny)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in both]
+    assert [p.returncode for p in both] == [0, 0], outputs
+    assert sum("building the thinking default" in out for out in outputs) == 1, outputs
+    assert (target / "model.safetensors").exists()
     assert json.loads((target / "sft_recipe.json").read_text())["num_train_samples"] == 8
     stamp = (target / "model.safetensors").stat().st_mtime
     # cached: a second call returns it without building (this recipe could not build)
