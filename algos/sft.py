@@ -188,7 +188,7 @@ def thinking_model_path() -> Path:
 
 # What `accelerate launch` / torchrun hand a training process; the build must not inherit it.
 _LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                     "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+                     "MASTER_ADDR", "MASTER_PORT")
 
 
 def build_cached(target: Path, overrides: dict | None = None) -> Path:
@@ -202,7 +202,7 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
 
     from algos.models import ModelLoadError
 
-    target = Path(target)
+    target, overrides = Path(target), overrides or {}
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
         if (target / "config.json").exists():  # another process built it while this one waited
             return target
         print(f"[repro-rl] building the thinking default model {THINKING_MODEL} (one time: SFT of the embedded "
-              f"default on {THINKING_RECIPE.num_train_samples} seeded thinking traces, a few minutes on CPU) "
+              f"default on {overrides.get('num_train_samples', THINKING_RECIPE.num_train_samples)} seeded thinking traces, a few minutes on CPU) "
               f"-> {target}", flush=True)
         env = {k: v for k, v in os.environ.items()
                if k not in _LAUNCH_VARIABLES and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
@@ -222,7 +222,7 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
         env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else root
         code = ("import json, sys; from algos.sft import build_recipe; from train.cli import main_guard; "
                 "main_guard(lambda: build_recipe(sys.argv[1], json.loads(sys.argv[2])))")
-        done = subprocess.run([sys.executable, "-c", code, str(target), json.dumps(overrides or {})], env=env)
+        done = subprocess.run([sys.executable, "-c", code, str(target), json.dumps(overrides)], env=env)
         if done.returncode != 0 or not (target / "config.json").exists():
             raise ModelLoadError(f"building {THINKING_MODEL} failed (exit code {done.returncode}; its output is "
                                  f"above); run `python train/sft.py --output_dir {target}` to see it on its own")
