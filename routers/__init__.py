@@ -5,6 +5,7 @@ Modules, one job each:
   routed_model  a frozen HF decoder run along per-sequence paths, with a per-pass KV cache
   mcts          UCT search over edited paths (training targets), plus the random-walk baseline
   path_eval     MCTS reward: correctness of greedy generation under a path
+  candidate_search  exact search over a few candidate paths, batched across examples (thinking models)
   router        per-block MLP routers with windowed mean pooling, and the p knob
   losses        focal loss with effective-number class weights
   export        safetensors + JSON export, checked against the base model on load

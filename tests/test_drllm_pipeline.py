@@ -317,3 +317,130 @@ def test_bench_skip_paths_drop_k_inner_blocks():
         assert len(path) == 30 - k and path[0] == 0 and path[-1] == 29 and path == sorted(set(path))
     with pytest.raises(SystemExit):
         bench.skip_path(30, 29)
+
+
+# ---------------------------------------------------------------- candidate search
+
+
+def test_candidate_search_targets_resume_and_trace_format(routed, tmp_path, monkeypatch):
+    """Every candidate is scored on every example; each example's target is the shortest correct
+    path (ties: fewer distinct blocks); no correct path -> dropped; a rerun scores nothing again."""
+    import routers.candidate_search as cs
+
+    # example i is right under a path iff the path keeps the blocks its gold names ('never': no path)
+    calls = []
+
+    def stub(routed_, tokenizer, prompts, golds, path, max_new_tokens, require_boxed, batch_size, budgets, bar):
+        calls.append((tuple(path), budgets))
+        ok = [g != "never" and {int(c) for c in g} <= set(path) for g in golds]
+        return ok, [5 + len(path)] * len(golds)
+
+    monkeypatch.setattr(cs, "path_correctness", stub)
+    recs = records(["0123", "012", "03", "never"])
+    prompts = [f"p{i}" for i in range(4)]
+    skip_sets = cs.parse_skip_sets("3; 1,2 ;2,1;1", L)
+    assert skip_sets == [(3,), (1, 2), (1,)]  # sorted, de-duplicated
+    traces = cs.candidate_search(routed, CharTokenizer(), recs, prompts, skip_sets, tmp_path, {"dataset": "t"},
+                                 max_new_tokens=7, progress=False)
+    assert [c[0] for c in calls] == [(0, 1, 2, 3), (0, 1, 2), (0, 3), (0, 2, 3)]
+    assert calls[0][1] is None and calls[1][1] == [max(32, 2 * 9)] * 4  # later paths bounded by 2x dense
+    assert [t["target"] for t in traces] == [[0, 1, 2, 3], [0, 1, 2], [0, 3], None]
+    assert [t["labels"] for t in traces[:3]] == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 1]]
+    assert [t["kept"] for t in traces] == [True, True, True, False]
+    assert [t["layers_saved"] for t in traces[:3]] == [0, 1, 2]
+    s = summarize(traces, L)
+    assert (s["searched"], s["kept"], s["base_correct"], s["stop_reasons"]) == (4, 3, 3, {"candidates": 4})
+    header, saved = read_traces(tmp_path / "traces.jsonl")
+    assert header["settings"]["search"] == "candidates" and saved == traces
+    calls.clear()
+    again = cs.candidate_search(routed, CharTokenizer(), recs, prompts, skip_sets, tmp_path, {"dataset": "t"},
+                                max_new_tokens=7, progress=False)
+    assert calls == [] and again == traces  # resumed from candidates.jsonl
+    with pytest.raises(TraceError, match="max_new_tokens: 7 in the file, 8 now"):
+        cs.candidate_search(routed, CharTokenizer(), recs, prompts, skip_sets, tmp_path, {"dataset": "t"},
+                            max_new_tokens=8, progress=False)
+
+
+def test_candidate_skip_sets_bad_input_one_line():
+    from routers.candidate_search import parse_skip_sets
+
+    for text, needle in (("3;x", "'x' is not a comma-separated list"), ("9", "names block 9"),
+                         ("0,1,2,3", "skips every block"), (" ; ", "no candidate skip set")):
+        with pytest.raises(TraceError, match=needle) as info:
+            parse_skip_sets(text, L)
+        assert "\n" not in str(info.value)
+
+
+def test_path_correctness_equals_one_by_one_generation(routed):
+    """Batched scoring of a path gives what each example generated alone gives (greedy, same path)."""
+    from routers.candidate_search import path_correctness
+
+    tok = CharTokenizer()
+    prompts = ["12", "3456", "7", "890"]
+    path = (0, 2, 3)
+    alone = []
+    for p in prompts:
+        ids = tok(p)["input_ids"]
+        out = routed.generate(ids, actions=list(path), max_new_tokens=6, pad_token_id=PAD)
+        row = out.sequences[0, ids.shape[1]:].tolist()
+        end = next((i + 1 for i, t in enumerate(row) if t == 1), len(row))
+        alone.append((tok.batch_decode([row[:end]])[0], end))
+    golds = [text.lstrip("0") or "0" if i % 2 else "-1" for i, (text, _) in enumerate(alone)]
+    correct, lengths = path_correctness(routed, tok, prompts, golds, path, 6, require_boxed=False, batch_size=3)
+    assert lengths == [n for _, n in alone]
+    from rewards.verify import is_correct
+    assert correct == [bool(is_correct(text, g, False)) for (text, _), g in zip(alone, golds)]
+    assert any(correct)
+
+
+def test_entry_point_candidate_search(tiny_model_path, tmp_path, monkeypatch, capsys):
+    """--search candidates: the script scores the candidates (stub: block 0 must stay), trains and
+    evaluates a router from the targets; a missing or bad --candidate_skips stops in one line."""
+    import routers.candidate_search as cs
+    from train import drllm_router
+
+    def keep_block_zero(routed_, tokenizer, prompts, golds, path, *args, **kwargs):
+        return [0 in path] * len(prompts), [3] * len(prompts)
+
+    monkeypatch.setattr(cs, "path_correctness", keep_block_zero)
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", tiny_model_path, "--output_dir", str(out), "--num_search_examples", "6",
+            "--num_eval_samples", "3", "--max_new_tokens", "2", "--epochs", "3", "--progress", "false",
+            "--search", "candidates"]
+    summary = drllm_router.main(argv + ["--candidate_skips", "0;1"])
+    s = summary["search"]
+    assert (s["searched"], s["kept"], s["mean_layers_saved"], s["stop_reasons"]) == (6, 6, 1, {"candidates": 6})
+    assert sorted(p.name for p in out.iterdir()) == ["candidates.jsonl", "router", "summary.json", "traces.jsonl"]
+    assert "kept/searched 6/6" in capsys.readouterr().out
+    for extra, needle in (([], "--search candidates needs --candidate_skips"),
+                          (["--candidate_skips", "0;5"], "names block 5; this model has blocks 0..1")):
+        with pytest.raises(SystemExit) as exit_info:
+            drllm_router.main(argv + extra + ["--output_dir", str(tmp_path / "other")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert needle in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys):
+    """scripts/drllm_screen.py scores dense and each skip set on the search split and suggests
+    candidates from the single skips that lose least (no pair that would skip all 2 blocks)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "drllm_screen", Path(__file__).resolve().parents[1] / "scripts" / "drllm_screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    out = tmp_path / "screen.json"
+    rows = screen.main(["--model_name_or_path", tiny_model_path, "--num_problems", "3", "--max_new_tokens", "2",
+                        "--top", "2", "--out", str(out)])
+    assert [r["skips"] for r in rows] == [[], [0], [1]]  # the tiny model has 2 blocks
+    assert all(len(r["correct"]) == 3 and r["lost"] <= sum(rows[0]["correct"]) for r in rows)
+    text = capsys.readouterr().out
+    assert "skip none (dense)" in text and "suggested: --search candidates --candidate_skips '" in text
+    saved = json.loads(out.read_text())
+    assert saved["problems"] == 3 and sorted(saved["suggested_candidate_skips"].split(";")) == ["0", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        screen.parse_args(["--top", "0"])
+    assert exit_info.value.code == 2

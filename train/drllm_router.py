@@ -63,6 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
            "teacher-forced forward keeps >= --min_agreement of the dense completion's tokens and all of its answer "
            "(for thinking models; base errors are not searched)")
     a("--min_agreement", type=float, default=0.95, help="--path_reward agreement: the share of tokens to keep")
+    a("--search", choices=["mcts", "candidates"], default="mcts",
+      help="'mcts' = the paper's UCT search per example; 'candidates' = the dense path and the --candidate_skips "
+           "paths, each generated on every search problem in full batches (the exact reward at batch speed; "
+           "routers/candidate_search.py)")
+    a("--candidate_skips", default=None,
+      help="--search candidates: skip sets separated by ';', blocks by ',' (e.g. '3;5;3,5'); "
+           "scripts/drllm_screen.py measures each single skip to choose them")
     a("--simulations", type=int, default=50, help="MCTS simulations per example")
     a("--mcts_c", type=float, default=1.8, help="UCB exploration constant c")
     a("--length_penalty", type=float, default=3.0, help="UCB length penalty lambda (times |path| / L)")
@@ -100,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (0.0 < args.class_weight_beta < 1.0, "--class_weight_beta must lie in (0, 1)"),
         (args.num_windows >= 1 and args.router_hidden >= 1, "--num_windows and --router_hidden must be >= 1"),
         (args.eval_batch_size >= 1, "--eval_batch_size must be >= 1"),
+        ((args.search == "candidates") == (args.candidate_skips is not None),
+         "--search candidates needs --candidate_skips (e.g. '3;5;3,5'), and --candidate_skips needs --search candidates"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
         (args.prompt_template is None or "{question}" in args.prompt_template,
          "--prompt_template must contain {question}"),
@@ -162,6 +171,7 @@ def run(args) -> dict:
     from algos.models import load_causal_lm, load_tokenizer
     from routers.evaluate import evaluate_routing
     from routers.export import save_router
+    from routers.candidate_search import candidate_search, parse_skip_sets
     from routers.mcts import MCTSConfig
     from routers.routed_model import RoutedModel
     from routers.router import PathRouter
@@ -186,22 +196,31 @@ def run(args) -> dict:
           f"{device} {dtype_name(dtype)}; outputs -> {out_dir}", flush=True)
     timings = {}
 
-    # 1. MCTS search (resumable)
+    # 1. path search (resumable)
     t0 = time.perf_counter()
-    print(f"[drllm 1/4] MCTS search: {args.simulations} simulations per example, path reward '{args.path_reward}', "
-          f"{args.max_new_tokens} new tokens per dense completion", flush=True)
     prompts = [build_prompt(tokenizer, r["question"], template) for r in search_records]
     settings = {"dataset": args.dataset, "seed": args.seed, "prompt_template": template}
     if args.dataset == "arithmetic":
         settings["arithmetic"] = [args.arithmetic_digits, args.arithmetic_operands, args.arithmetic_operators]
-    mcts = MCTSConfig(simulations=args.simulations, c=args.mcts_c, length_penalty=args.length_penalty,
-                      random_child_prob=args.random_child_prob, early_stop=args.early_stop, seed=args.seed)
-    traces = collect_traces(routed, tokenizer, search_records, prompts, out_dir / "traces.jsonl", settings, mcts,
-                            args.max_new_tokens, args.require_boxed, progress=args.progress,
-                            evaluator_options={"verify_draft": args.verify_draft,
-                                               "length_factor": args.path_length_factor or None,
-                                               "reward": args.path_reward, "min_agreement": args.min_agreement},
-                            draft_batch_size=args.eval_batch_size)
+    if args.search == "candidates":
+        skip_sets = parse_skip_sets(args.candidate_skips, L)
+        print(f"[drllm 1/4] candidate search: the dense path and {len(skip_sets)} candidates, each generated on "
+              f"{len(search_records)} problems ({args.max_new_tokens} new tokens at most)", flush=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        traces = candidate_search(routed, tokenizer, search_records, prompts, skip_sets, out_dir, settings,
+                                  args.max_new_tokens, args.require_boxed, args.eval_batch_size,
+                                  args.path_length_factor or None, progress=args.progress)
+    else:
+        print(f"[drllm 1/4] MCTS search: {args.simulations} simulations per example, path reward '{args.path_reward}', "
+              f"{args.max_new_tokens} new tokens per dense completion", flush=True)
+        mcts = MCTSConfig(simulations=args.simulations, c=args.mcts_c, length_penalty=args.length_penalty,
+                          random_child_prob=args.random_child_prob, early_stop=args.early_stop, seed=args.seed)
+        traces = collect_traces(routed, tokenizer, search_records, prompts, out_dir / "traces.jsonl", settings, mcts,
+                                args.max_new_tokens, args.require_boxed, progress=args.progress,
+                                evaluator_options={"verify_draft": args.verify_draft,
+                                                   "length_factor": args.path_length_factor or None,
+                                                   "reward": args.path_reward, "min_agreement": args.min_agreement},
+                                draft_batch_size=args.eval_batch_size)
     search_summary = summarize(traces, L)
     timings["search_s"] = round(time.perf_counter() - t0, 1)
     print(f"[drllm] search: {format_summary(search_summary)}", flush=True)
