@@ -101,6 +101,9 @@ def candidate_search(routed: RoutedModel, tokenizer, records: Sequence[dict], pr
                 "search": "candidates", "length_factor": length_factor,
                 "questions": len(records), "first_question": records[0]["question"] if records else None}
     header = trace_header(routed.model, settings, MCTSConfig(simulations=0, early_stop=False))
+    if (out_dir / "traces.jsonl").exists() and not (out_dir / "candidates.jsonl").exists():
+        raise TraceError(f"'{out_dir / 'traces.jsonl'}' holds an MCTS search; choose another --output_dir for the "
+                         "candidate search")
     results = {tuple(r["path"]): r for r in open_traces(out_dir / "candidates.jsonl", header)}
     golds = [str(r["answer"]) for r in records]
     todo = [p for p in paths if p not in results]

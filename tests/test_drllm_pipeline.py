@@ -359,6 +359,13 @@ def test_candidate_search_targets_resume_and_trace_format(routed, tmp_path, monk
     with pytest.raises(TraceError, match="max_new_tokens: 7 in the file, 8 now"):
         cs.candidate_search(routed, CharTokenizer(), recs, prompts, skip_sets, tmp_path, {"dataset": "t"},
                             max_new_tokens=8, progress=False)
+    mcts_dir = tmp_path / "mcts"
+    mcts_dir.mkdir()
+    (mcts_dir / "traces.jsonl").write_text("{}\n")  # an MCTS search's file is never overwritten
+    with pytest.raises(TraceError, match="holds an MCTS search"):
+        cs.candidate_search(routed, CharTokenizer(), recs, prompts, skip_sets, mcts_dir, {"dataset": "t"},
+                            max_new_tokens=7, progress=False)
+    assert (mcts_dir / "traces.jsonl").read_text() == "{}\n"
 
 
 def test_candidate_skip_sets_bad_input_one_line():
