@@ -209,9 +209,9 @@ def build_cached(target: Path, overrides: dict | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():  # another process built it while this one waited
             return target
+        traces = overrides.get("num_train_samples", THINKING_RECIPE.num_train_samples)
         print(f"[repro-rl] building the thinking default model {THINKING_MODEL} (one time: SFT of the embedded "
-              f"default on {overrides.get('num_train_samples', THINKING_RECIPE.num_train_samples)} seeded thinking traces, a few minutes on CPU) "
-              f"-> {target}", flush=True)
+              f"default on {traces} seeded thinking traces, a few minutes on CPU) -> {target}", flush=True)
         env = {k: v for k, v in os.environ.items()
                if k not in _LAUNCH_VARIABLES and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
         env["OMP_NUM_THREADS"] = os.environ.get("REPRO_RL_NUM_THREADS") or str(os.cpu_count() or 1)
