@@ -1,4 +1,4 @@
-"""Screen single-block skips for Dr.LLM's candidate search: greedy accuracy with each block skipped.
+"""Screen skip sets for Dr.LLM's candidate search: greedy accuracy with blocks skipped (each single by default).
 
     python scripts/drllm_screen.py --model_name_or_path smollm2-135m-thinking --dataset thinking \
         --num_problems 32 --max_new_tokens 320 --threads 2
@@ -8,7 +8,8 @@ generated greedily on the same search-split problems (``train/drllm_router.py``'
 held-out problems are never looked at) in full batches (routers/candidate_search.py). Prints one
 line per path: accuracy, problems lost and gained against dense, seconds; and a --candidate_skips
 string for ``train/drllm_router.py --search candidates``: the --top single skips that lose least,
-and every pair of them. Writes the rows to --out as JSON.
+their pairs not screened yet, and the screened multi-block sets (--skip_sets "3,27;6,27") that keep
+at least half the dense answers. Writes the rows to --out as JSON.
 """
 from __future__ import annotations
 
@@ -78,11 +79,9 @@ def main(argv=None):
         print(f"skip {','.join(map(str, skips)) or 'none (dense)':>12}: accuracy {row['accuracy']:.3f}  lost "
               f"{row['lost']:2d}  gained {row['gained']:2d}  {row['mean_tokens']:.0f} tokens  {row['seconds']:.0f} s",
               flush=True)
-    singles = sorted((r for r in rows[1:] if len(r["skips"]) == 1), key=lambda r: (r["lost"] - r["gained"], r["lost"]))
-    best = [r["skips"][0] for r in singles[:args.top]]
-    pairs = [f"{a},{b}" for a, b in itertools.combinations(sorted(best), 2)] if L > 2 else []  # never skip all
-    suggestion = ";".join([str(b) for b in best] + pairs)
-    print(f"suggested: --search candidates --candidate_skips '{suggestion}'")
+    suggestion = suggest_candidates(rows, args.top, L)
+    print(f"suggested: --search candidates --candidate_skips '{suggestion}'" if suggestion
+          else "suggested: none (no screened set keeps half the dense answers)")
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
@@ -90,6 +89,22 @@ def main(argv=None):
                        "suggested_candidate_skips": suggestion}, f, indent=1)
         os.replace(tmp, args.out)
     return rows
+
+
+def suggest_candidates(rows: list[dict], top: int, num_layers: int) -> str:
+    """A --candidate_skips string from screened rows (rows[0] is dense): the ``top`` single skips that
+    lose least (lost - gained), their pairs not screened yet, and the screened multi-block sets that keep
+    at least half the dense answers, fewest lost first."""
+    def net(r):
+        return r["lost"] - r["gained"], r["lost"]
+
+    screened = {tuple(r["skips"]) for r in rows}
+    best = [r["skips"][0] for r in sorted((r for r in rows[1:] if len(r["skips"]) == 1), key=net)[:top]]
+    untried = [p for p in itertools.combinations(sorted(best), 2) if p not in screened] if num_layers > 2 else []
+    dense_right = sum(rows[0]["correct"])
+    kept = [tuple(r["skips"]) for r in sorted((r for r in rows[1:] if len(r["skips"]) > 1), key=net)
+            if 2 * sum(r["correct"]) >= dense_right]
+    return ";".join([str(b) for b in best] + [",".join(map(str, s)) for s in untried + kept])
 
 
 def _run():

@@ -451,3 +451,27 @@ def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         screen.parse_args(["--top", "0"])
     assert exit_info.value.code == 2
+
+
+def test_screen_suggestion_keeps_screened_pairs_that_hold_and_drops_broken_ones():
+    """The suggestion: the --top singles by net loss, their pairs not screened yet, and screened
+    multi-block sets keeping at least half the dense answers (fewest lost first)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "drllm_screen", Path(__file__).resolve().parents[1] / "scripts" / "drllm_screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+
+    def row(skips, correct):
+        dense = [1, 1, 1, 1, 0]
+        return {"skips": skips, "correct": correct, "lost": sum(d and not c for d, c in zip(dense, correct)),
+                "gained": sum(c and not d for d, c in zip(dense, correct))}
+
+    rows = [row([], [1, 1, 1, 1, 0]), row([3], [1, 1, 1, 0, 0]), row([4], [1, 1, 1, 1, 1]), row([6], [1, 0, 0, 1, 0]),
+            row([3, 4], [0, 0, 0, 0, 0]), row([4, 27], [1, 1, 0, 0, 0]), row([3, 27], [1, 1, 1, 0, 1])]
+    # singles by net loss: 4 (-1), 3 (+1); pair 3,4 was screened and broke; 3,27 keeps 4 of 4, 4,27 keeps 2
+    assert screen.suggest_candidates(rows, 2, 30) == "4;3;3,27;4,27"
+    assert screen.suggest_candidates(rows, 3, 30) == "4;3;6;3,6;4,6;3,27;4,27"
+    assert screen.suggest_candidates([rows[0], row([3, 4], [0, 0, 0, 0, 0])], 3, 30) == ""
