@@ -12,7 +12,8 @@
    calibration events (at most 100 per rollout, reference), problems disjoint from training.
 4. **export** (:mod:`probes.export`): ``output_dir`` = safetensors + JSON with the calibration scores.
 5. **evaluate** (:mod:`probes.evaluate`, when ``num_eval_problems > 0``): premature-exit rate vs
-   delta on held-out events, and greedy decoding with and without exits at ``eval_confidences``.
+   delta on held-out events, and decoding (greedy, or sampled with --eval_temperature) with and without exits at
+   ``eval_confidences``.
 
 Everything measured goes to ``output_dir/summary.json`` and is printed at the end.
 """
@@ -172,6 +173,10 @@ def resolve_settings(cfg: LynxJobConfig, model, tokenizer) -> CollectConfig:
         forced_batch_size=cfg.forced_batch_size, seed=cfg.seed)
 
 
+def decoding_label(temperature: float, top_p: float) -> str:
+    return f"sampled (T = {temperature}, top-p {top_p})" if temperature else "greedy"
+
+
 def _phase(k: int, name: str, detail: str) -> float:
     print(f"[lynx {k}/5] {name}: {detail}", flush=True)
     return time.perf_counter()
@@ -276,7 +281,8 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
     evaluation = None
     if held:
         t0 = _phase(5, "evaluate", f"{len(held)} held-out problems: premature exits on {len(test_events)} events, "
-                                   f"greedy decoding without exits and at c = {', '.join(map(str, cfg.eval_confidences))}")
+                                   f"{decoding_label(cfg.eval_temperature, cfg.eval_top_p)} decoding without exits "
+                                   f"and at c = {', '.join(map(str, cfg.eval_confidences))}")
         p_test = bundle.score(test_events.features) if len(test_events) else torch.zeros(0)
         evaluation = {
             "held_out_auc": roc_auc(p_test, test_events.labels) if len(test_events) else math.nan,
