@@ -94,7 +94,7 @@ def main(argv=None):
 def suggest_candidates(rows: list[dict], top: int, num_layers: int) -> str:
     """A --candidate_skips string from screened rows (rows[0] is dense): the ``top`` single skips that
     lose least (lost - gained), their pairs not screened yet, and the screened multi-block sets that keep
-    at least half the dense answers, fewest lost first."""
+    at least half the dense answers, fewest net lost first."""
     def net(r):
         return r["lost"] - r["gained"], r["lost"]
 
