@@ -49,7 +49,7 @@ def main(argv=None):
     import torch
 
     from algos.data import DEFAULT_PROMPT_TEMPLATE, build_prompt
-    from algos.models import load_causal_lm, load_tokenizer
+    from algos.models import load_causal_lm, load_model_config, load_tokenizer
     from routers.candidate_search import parse_skip_sets, path_correctness, skip_path
     from routers.routed_model import RoutedModel
     from train.drllm_router import load_splits, parse_args as router_args
@@ -59,12 +59,14 @@ def main(argv=None):
     split_args = router_args(["--dataset", args.dataset, "--num_search_examples", str(max(args.num_problems, 2)),
                               "--num_eval_samples", "0", "--seed", str(args.seed)])
     records = load_splits(split_args)[0][:args.num_problems]
+    blocks = load_model_config(args.model_name_or_path).num_hidden_layers
+    sets = parse_skip_sets(args.skip_sets, blocks) if args.skip_sets else None  # bad sets: one line, before the load
     tokenizer = load_tokenizer(args.model_name_or_path)
     routed = RoutedModel(load_causal_lm(args.model_name_or_path, dtype=torch.float32).eval())
     L = routed.num_layers
     prompts = [build_prompt(tokenizer, r["question"], DEFAULT_PROMPT_TEMPLATE) for r in records]
     golds = [str(r["answer"]) for r in records]
-    sets = parse_skip_sets(args.skip_sets, L) if args.skip_sets else [(b,) for b in range(L)]
+    sets = sets or [(b,) for b in range(L)]
     rows, dense_ok = [], None
     for skips in [()] + sets:
         start = time.perf_counter()

@@ -429,7 +429,7 @@ def test_entry_point_candidate_search(tiny_model_path, tmp_path, monkeypatch, ca
     assert not (tmp_path / "other").exists()
 
 
-def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys):
+def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys, monkeypatch):
     """scripts/drllm_screen.py scores dense and each skip set on the search split and suggests
     candidates from the single skips that lose least (no pair that would skip all 2 blocks)."""
     import importlib.util
@@ -451,6 +451,14 @@ def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         screen.parse_args(["--top", "0"])
     assert exit_info.value.code == 2
+    import algos.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the skip sets were checked")
+
+    monkeypatch.setattr(algos.models, "load_causal_lm", no_load)
+    with pytest.raises(TraceError, match="names block 5; this model has blocks 0..1"):
+        screen.main(["--model_name_or_path", tiny_model_path, "--num_problems", "3", "--skip_sets", "0;5"])
 
 
 def test_screen_suggestion_keeps_screened_pairs_that_hold_and_drops_broken_ones():
