@@ -174,7 +174,7 @@ def resolve_settings(cfg: LynxJobConfig, model, tokenizer) -> CollectConfig:
 
 
 def decoding_label(temperature: float, top_p: float) -> str:
-    return f"sampled (T = {temperature}, top-p {top_p})" if temperature else "greedy"
+    return f"sampled at T = {temperature}, top-p {top_p}" if temperature else "greedy"
 
 
 def _phase(k: int, name: str, detail: str) -> float:
@@ -352,8 +352,8 @@ def format_summary(s: dict) -> str:
             lines.append("  judged by the forced-exit labels, P(exit | exiting is wrong):")
             lines += _premature_lines(ev["premature_exits_forced_label"])
         job = s.get("job", {})
-        how = (f"sampled at T = {job['eval_temperature']}, top-p {job.get('eval_top_p')}, the same seeds in every arm"
-               if job.get("eval_temperature") else "greedy")
+        how = decoding_label(job.get("eval_temperature"), job.get("eval_top_p"))
+        how += ", the same seeds in every arm" if job.get("eval_temperature") else ""
         lines.append(f"held-out decoding ({how}):")
         for r in ev["decoding"]:
             extra = (f", tokens {r['token_change']:+.1%}, lost {r['lost_by_exit']} / gained {r['gained_by_exit']} "
