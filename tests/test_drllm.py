@@ -249,6 +249,29 @@ def test_generate_stops_at_eos_and_pads_finished_rows(model, routed):
     assert out.sequences[0, ids.shape[1]] == eos and (out.sequences[0, ids.shape[1] + 1:] == PAD).all()
 
 
+def test_path_cache_builds_from_either_transformers_cache_kwargs_form(model, routed, monkeypatch):
+    """transformers before 5.19 returns one kwargs dict for all layers, 5.19+ one per layer: the
+    routed cache takes both, and a path with a repeat decodes the same either way."""
+    import transformers.cache_utils as cache_utils
+
+    from algos.hf_compat import cache_layer_types_and_kwargs
+
+    ids, mask = batch_inputs()
+    path = [0, 1, 1, 3]  # block 1 repeated, block 2 skipped
+    want = routed.generate(ids, mask, actions=path, max_new_tokens=4).sequences
+    native = cache_utils.get_layer_types_and_kwargs
+
+    def shared_dict(config):  # the pre-5.19 form
+        types, kwargs = native(config)
+        return types, (kwargs[0] if isinstance(kwargs, list) else kwargs)
+
+    monkeypatch.setattr(cache_utils, "get_layer_types_and_kwargs", shared_dict)
+    types, kwargs = cache_layer_types_and_kwargs(model.config)
+    assert len(types) == len(kwargs) == L and all(isinstance(k, dict) for k in kwargs)
+    assert len(routed.new_cache().layers) == 2 * L
+    assert torch.equal(routed.generate(ids, mask, actions=path, max_new_tokens=4).sequences, want)
+
+
 # ---------------------------------------------------------------- routing decisions at prefill only
 
 
