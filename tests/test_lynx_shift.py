@@ -1,8 +1,11 @@
-"""scripts/lynx_feature_shift.py: the premature-exit rate with features from another dtype / routed.
+"""The scripts that reuse a LYNX job's events: lynx_feature_shift.py and lynx_layer_sweep.py.
 
-A LYNX job on a tiny random Llama (the grader replaced so both labels occur), then the script: in
-the job's own setting the recomputed features reproduce the collected ones (same rates); in bf16
-with a router the measurement runs and reports every confidence.
+A LYNX job on a tiny random Llama (the grader replaced so both labels occur), then
+* lynx_feature_shift.py (the premature-exit rate with features from another dtype / routed): in
+  the job's own setting the recomputed features reproduce the collected ones (same rates); in bf16
+  with a router the measurement runs and reports every confidence;
+* lynx_layer_sweep.py (probes on subsets of the collected layers): the job's own layers reproduce
+  the job's probe and calibration; a subset is a probe on those columns only.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lynx_feature_shift.p
 spec = importlib.util.spec_from_file_location("lynx_feature_shift", SCRIPT)
 shift = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(shift)
+SWEEP = Path(__file__).resolve().parents[1] / "scripts" / "lynx_layer_sweep.py"
+sweep_spec = importlib.util.spec_from_file_location("lynx_layer_sweep", SWEEP)
+sweep = importlib.util.module_from_spec(sweep_spec)
+sweep_spec.loader.exec_module(sweep)
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +107,42 @@ def test_missing_summary_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "no summary.json" in err and len(err.splitlines()) == 1
+
+
+def test_layer_sweep_with_the_jobs_layers_reproduces_its_probe(job, capsys):
+    import json
+
+    probe_dir, _ = job
+    summary = json.loads((probe_dir / "summary.json").read_text())
+    result = sweep.main(["--probe", str(probe_dir), "--layer_sets", "1,2;2"])
+    assert result["collected_layers"] == [1, 2]
+    full, last = result["rows"]
+    assert full["val_auc"] == pytest.approx(summary["training"]["val_auc"])
+    assert full["calibration_auc"] == pytest.approx(summary["calibration"]["auc"])
+    job_rules = {r["confidence"]: r["q_continue"] for r in summary["calibration"]["rules"]}
+    assert {q["confidence"]: q["q_continue"] for q in full["rules"]} == pytest.approx(job_rules)
+    assert [q["confidence"] for q in last["rules"]] == [0.7, 0.8]
+    # a probe on layer 2's columns alone is another probe: other calibration scores
+    assert (last["calibration_auc"], last["rules"][0]["q_continue"]) != (full["calibration_auc"], full["rules"][0]["q_continue"])
+    assert "layers 2 " in capsys.readouterr().out
+
+
+def test_layer_columns_select_each_layers_block_in_the_order_asked():
+    assert sweep.layer_columns((5, 10, 15), (15, 5), 2).tolist() == [4, 5, 0, 1]
+    with pytest.raises(sweep.SweepError, match="layer\\(s\\) 7 were not collected"):
+        sweep.layer_columns((5, 10), (5, 7), 2)
+    assert sweep.parse_layer_sets("10,20,30; 5;") == [(10, 20, 30), (5,)]
+    for bad, message in (("5,x", "not a comma list"), ("5,5", "twice"), (" ; ", "empty")):
+        with pytest.raises(sweep.SweepError, match=message):
+            sweep.parse_layer_sets(bad)
+
+
+def test_layer_sweep_bad_input_is_one_line(job, tmp_path, capsys):
+    probe_dir, _ = job
+    for argv, message in ((["--probe", str(tmp_path), "--layer_sets", "1"], "no summary.json"),
+                          (["--probe", str(probe_dir), "--layer_sets", "3"], "were not collected")):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
