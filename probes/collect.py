@@ -356,6 +356,15 @@ class EventShards:
                 out[p] = row[:n].tolist()
         return out
 
+    def answer_lengths(self) -> dict[tuple[int, int], int]:
+        """Tokens of each event's forced-exit answer, by (problem index, event index)."""
+        out = {}
+        for shard in self._shards():
+            lengths = (shard["answer_ids"] >= 0).sum(1).tolist()
+            for p, i, n in zip(shard["problem"].tolist(), shard["event_index"].tolist(), lengths):
+                out[(p, i)] = int(n)
+        return out
+
     def rollout_correct(self, tokenizer, records: list[dict]) -> dict[int, bool]:
         """Whether each rollout's own final answer is right, by problem index (``records[p]['answer']``)."""
         return {p: bool(is_correct(tokenizer.decode(ids, skip_special_tokens=True), records[p]["answer"]))

@@ -12,7 +12,12 @@ subset the script trains the probe exactly as the job does (same probe-train eve
 * AUC on the probe's validation split, the calibration events and the held-out events;
 * per confidence c: the conformal threshold on continue scores, the share of safe calibration events
   that exit (the figure to choose by), and on held-out events the share of safe events that exit, the
-  premature-exit rate P(exit | label 0) and how many held-out problems have an exit event.
+  premature-exit rate P(exit | label 0) and how many held-out problems have an exit event;
+* the decoding it implies, replayed on the collection's held-out rollouts (:func:`replay_exits`): each
+  rollout exits at its first real cue event the rule accepts, costing the prefix, the exit string and
+  the forced answer collected there (how the online decoder counts ``new_tokens``), and is right when
+  that forced answer is; mean tokens against the rollouts' own, accuracy against theirs. The same
+  replay with the labels as the rule (exit at the first safe cue) is the ceiling any probe could reach.
 
 The subset equal to the job's layers reproduces the job's probe. Choose by the calibration columns and
 keep the held-out ones as the check: choosing among many subsets on the calibration events themselves
@@ -68,6 +73,32 @@ def layer_columns(collected: tuple[int, ...], wanted: tuple[int, ...], hidden_si
                       for k in (collected.index(layer) for layer in wanted)])
 
 
+def replay_exits(problems, response_len: dict, rollout_correct: dict, events, exits, answer_len: dict,
+                 exit_len: int) -> dict:
+    """Mean tokens, accuracy and exit rate of ``problems`` when each rollout exits at its first
+    non-synthetic event with ``exits`` True (events carry the forced-exit labels: 1 = its answer is right).
+
+    tokens = event index (the prefix before the cue token) + ``exit_len`` + the forced answer's tokens;
+    without an exit the rollout's own length and correctness.
+    """
+    tokens, right, exited = [], [], []
+    for p in problems:
+        rows = [k for k in range(len(events)) if int(events.problem[k]) == p and bool(exits[k])
+                and not bool(events.synthetic[k])]
+        if rows:
+            k = min(rows, key=lambda r: int(events.event_index[r]))
+            i = int(events.event_index[k])
+            tokens.append(i + exit_len + answer_len[(p, i)])
+            right.append(bool(events.labels[k]))
+            exited.append(True)
+        else:
+            tokens.append(response_len[p])
+            right.append(bool(rollout_correct[p]))
+            exited.append(False)
+    n = max(len(tokens), 1)
+    return {"mean_tokens": sum(tokens) / n, "accuracy": sum(right) / n, "exit_rate": sum(exited) / n}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = _OneLineParser(prog="lynx_layer_sweep.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,7 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sweep(args) -> dict:
-    """Per layer subset: AUCs and exit rates (module docstring)."""
+    """Per layer subset: AUCs, exit rates and the replayed decoding (module docstring)."""
+    import torch
+
     from algos.models import load_tokenizer
     from probes.collect import EventShards, split_problems
     from probes.conformal import ConformalCalibration
@@ -98,11 +131,18 @@ def sweep(args) -> dict:
     pool, held = load_problems(job)
     train_idx, calib_idx = split_problems(len(pool), job.calibration_fraction, job.seed)
     test_idx = list(range(len(pool), len(pool) + len(held)))
-    correct = ({} if job.exit_label == "forced"
-               else shards.rollout_correct(load_tokenizer(job.model_name_or_path), pool + held))
+    tokenizer = load_tokenizer(job.model_name_or_path)
+    correct = shards.rollout_correct(tokenizer, pool + held)
     train = shards.load(train_idx, job.max_events_per_rollout).relabelled(job.exit_label, correct)
     calib = shards.load(calib_idx, job.max_calibration_events_per_rollout).relabelled(job.exit_label, correct)
-    test = shards.load(test_idx, job.max_calibration_events_per_rollout).relabelled(job.exit_label, correct)
+    test_forced = shards.load(test_idx, job.max_calibration_events_per_rollout)
+    test = test_forced.relabelled(job.exit_label, correct)
+    response_len = {p: len(r) for p, r in shards.responses().items()}
+    answer_len = shards.answer_lengths()
+    exit_len = len(tokenizer(shards.settings["exit_string"], add_special_tokens=False)["input_ids"])
+
+    def replay(exits):
+        return replay_exits(test_idx, response_len, correct, test_forced, exits, answer_len, exit_len)
     confidences = ([float(c) for c in args.confidence.split(",") if c.strip()] if args.confidence
                    else sorted({job.confidence, *job.eval_confidences}))
 
@@ -126,11 +166,17 @@ def sweep(args) -> dict:
                 "held_out_safe_exit_rate": rate(exit_test[safe_test]),
                 "held_out_premature_exit_rate": rate(exit_test[~safe_test]),
                 "held_out_continue_events": int((~safe_test).sum()),
-                "held_out_problems_exiting": len(set(test.problem[exit_test].tolist()))})
+                "held_out_problems_exiting": len(set(test.problem[exit_test].tolist())),
+                "replay": replay(exit_test)})
         rows.append(row)
+    no_exit = replay(torch.zeros(len(test), dtype=torch.bool))
     return {"collected_layers": list(collected), "exit_label": job.exit_label, "events": {
         "train": len(train), "calibration": len(calib), "held_out": len(test)},
-        "held_out_problems": len(held), "rows": rows}
+        "held_out_problems": len(held), "no_exit": no_exit, "ceiling": replay(test.labels.bool()), "rows": rows}
+
+
+def _change(arm: dict, base: dict) -> str:
+    return f"{arm['mean_tokens'] / base['mean_tokens'] - 1:+.1%}" if base["mean_tokens"] else "n/a"
 
 
 def report(result: dict) -> str:
@@ -139,13 +185,19 @@ def report(result: dict) -> str:
              f"probe-train {e['train']}, calibration {e['calibration']}, held-out {e['held_out']} "
              f"({result['held_out_problems']} problems)",
              "per confidence: q_continue, safe events exiting (calibration / held-out), premature-exit rate on "
-             "held-out events (continue events), held-out problems with an exit"]
+             "held-out events (continue events), held-out problems with an exit, and the held-out rollouts replayed "
+             "with those exits: token change, accuracy"]
+    base, ceiling = result["no_exit"], result["ceiling"]
+    lines.append(f"held-out rollouts without exits: {base['mean_tokens']:.1f} tokens, accuracy {base['accuracy']:.3f}; "
+                 f"exiting at the first safe cue (the ceiling): {ceiling['mean_tokens']:.1f} tokens "
+                 f"({_change(ceiling, base)}), accuracy {ceiling['accuracy']:.3f}")
     for r in result["rows"]:
         head = (f"layers {','.join(map(str, r['layers'])):<18} AUC val {r['val_auc']:.3f} calibration "
                 f"{r['calibration_auc']:.3f} held-out {r['held_out_auc']:.3f}")
         rules = [f"c={q['confidence']}: q {q['q_continue']:.3f}, safe {q['calibration_safe_exit_rate']:.2f} / "
                  f"{q['held_out_safe_exit_rate']:.2f}, premature {q['held_out_premature_exit_rate']:.3f} "
-                 f"({q['held_out_continue_events']}), {q['held_out_problems_exiting']} problems" for q in r["rules"]]
+                 f"({q['held_out_continue_events']}), {q['held_out_problems_exiting']} problems, replay "
+                 f"{_change(q['replay'], base)} tokens, accuracy {q['replay']['accuracy']:.3f}" for q in r["rules"]]
         lines.append(head + " | " + " | ".join(rules))
     return "\n".join(lines)
 

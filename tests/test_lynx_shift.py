@@ -146,3 +146,35 @@ def test_layer_sweep_bad_input_is_one_line(job, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_replay_exits_takes_the_first_real_accepted_cue_of_each_rollout():
+    from probes.collect import EventSet
+
+    events = EventSet(features=torch.zeros(4, 1), labels=torch.tensor([1, 0, 1, 1], dtype=torch.int8),
+                      problem=torch.tensor([0, 0, 1, 2]), event_index=torch.tensor([5, 3, 4, 7]),
+                      synthetic=torch.tensor([False, False, False, True]))
+    exits = torch.tensor([True, True, False, True])
+    out = sweep.replay_exits([0, 1, 2], {0: 50, 1: 20, 2: 30}, {0: True, 1: True, 2: False}, events, exits,
+                             {(0, 3): 4, (0, 5): 6, (1, 4): 2, (2, 7): 3}, exit_len=2)
+    # problem 0 exits at event index 3 (3 + 2 + 4 tokens, its forced answer wrong); problem 1 is not
+    # accepted; problem 2's only event is synthetic, where the decoder never exits
+    assert out == {"mean_tokens": pytest.approx((9 + 20 + 30) / 3), "accuracy": pytest.approx(1 / 3),
+                   "exit_rate": pytest.approx(1 / 3)}
+
+
+def test_layer_sweep_replays_no_exit_as_the_rollouts_themselves(job):
+    import json
+
+    from probes.collect import EventShards
+
+    probe_dir, _ = job
+    result = sweep.main(["--probe", str(probe_dir), "--layer_sets", "1,2"])
+    shards = EventShards(json.loads((probe_dir / "summary.json").read_text())["events_dir"])
+    lengths = {p: len(r) for p, r in shards.responses().items()}
+    held = sorted(lengths)[-result["held_out_problems"]:]
+    assert result["no_exit"]["mean_tokens"] == pytest.approx(sum(lengths[p] for p in held) / len(held))
+    assert result["no_exit"]["exit_rate"] == 0
+    events, answers = shards.load(), shards.answer_lengths()  # one answer per event, <= answer_max_tokens (4)
+    assert set(answers) == set(zip(events.problem.tolist(), events.event_index.tolist()))
+    assert all(1 <= n <= 4 for n in answers.values())
