@@ -6,8 +6,10 @@ search costs minutes per example on a CPU, and the cheap teacher-forced proxy (`
 accepts paths that break free decoding. Here the search space is a short list of candidate paths
 (the dense path always among them), and every candidate is generated greedily on every search
 example, in full batches of examples that share the path. Each example's target is then chosen
-by the MCTS rule (:func:`routers.mcts.select_target`): the shortest path whose answer is
-correct, ties broken by fewer distinct blocks; an example with no correct candidate is dropped.
+by the MCTS length rule: the shortest path whose answer is correct, ties broken by fewer distinct
+blocks, then by the candidate right on most search examples (:func:`robust_target`), so that the
+router sees one consistent target wherever the most robust skip works instead of whichever path
+sorts first; an example with no correct candidate is dropped.
 
 Candidates are written as skip sets, e.g. ``"3;5;3,5"`` = skip block 3 / skip 5 / skip both.
 ``scripts/drllm_screen.py`` measures each single skip's accuracy on the search problems, which is
@@ -134,11 +136,24 @@ def candidate_search(routed: RoutedModel, tokenizer, records: Sequence[dict], pr
     return traces
 
 
+def robust_target(rewards: dict[tuple[int, ...], float], accuracy: dict[tuple[int, ...], float],
+                  correct_at: float = 1.0) -> tuple[int, ...] | None:
+    """Shortest correct path; ties: fewer distinct blocks, then higher ``accuracy`` (the path's share of
+    correct search examples), then :func:`routers.mcts.select_target`'s order. ``None`` if none is correct."""
+    correct = {p: r for p, r in rewards.items() if r >= correct_at}
+    if not correct:
+        return None
+    shortest = min((len(p), len(set(p))) for p in correct)
+    tied = {p: r for p, r in correct.items() if (len(p), len(set(p))) == shortest}
+    best = max(accuracy[p] for p in tied)
+    return select_target({p: r for p, r in tied.items() if accuracy[p] == best}, correct_at)
+
+
 def _trace(i: int, record: dict, prompt: str, paths: Sequence[tuple[int, ...]], results: dict, L: int) -> dict:
     """One example's trace: the MCTS target rule over the candidates' rewards."""
     rewards = {p: float(results[p]["correct"][i]) for p in paths}
     dense = default_path(L)
-    target = select_target(rewards)
+    target = robust_target(rewards, {p: results[p]["accuracy"] for p in paths})
     base_correct = rewards[dense] == 1.0
     return {
         "index": i, "question": record["question"], "answer": str(record["answer"]), "prompt": prompt,

@@ -322,6 +322,19 @@ def test_bench_skip_paths_drop_k_inner_blocks():
 # ---------------------------------------------------------------- candidate search
 
 
+def test_robust_target_breaks_length_ties_by_search_accuracy():
+    """Equally short correct paths: the one right on more search examples wins, whatever its order."""
+    from routers.candidate_search import robust_target
+
+    skip3, skip6, dense = (0, 1, 2, 4, 5, 6), (0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5, 6)
+    rewards = {dense: 1.0, skip3: 1.0, skip6: 1.0}
+    assert robust_target(rewards, {dense: 0.63, skip3: 0.57, skip6: 0.45}) == skip3
+    assert robust_target(rewards, {dense: 0.63, skip3: 0.45, skip6: 0.57}) == skip6
+    assert robust_target({**rewards, skip3: 0.0}, {dense: 0.63, skip3: 0.57, skip6: 0.45}) == skip6
+    assert robust_target({dense: 1.0, (0, 1, 2, 3): 1.0}, {dense: 0.9, (0, 1, 2, 3): 0.1}) == (0, 1, 2, 3)  # shorter first
+    assert robust_target({dense: 0.0}, {dense: 0.5}) is None
+
+
 def test_candidate_search_targets_resume_and_trace_format(routed, tmp_path, monkeypatch):
     """Every candidate is scored on every example; each example's target is the shortest correct
     path (ties: fewer distinct blocks); no correct path -> dropped; a rerun scores nothing again."""
