@@ -137,7 +137,8 @@ def sweep(args) -> dict:
     calib = shards.load(calib_idx, job.max_calibration_events_per_rollout).relabelled(job.exit_label, correct)
     test_forced = shards.load(test_idx, job.max_calibration_events_per_rollout)
     test = test_forced.relabelled(job.exit_label, correct)
-    response_len = {p: len(r) for p, r in shards.responses().items()}
+    rollouts = shards.rollouts()
+    response_len = dict(zip(rollouts["problem"].tolist(), rollouts["response_len"].tolist()))
     answer_len = shards.answer_lengths()
     exit_len = len(tokenizer(shards.settings["exit_string"], add_special_tokens=False)["input_ids"])
 
