@@ -121,19 +121,15 @@ def report(result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
 
-    def run():
-        from probes.collect import CollectError
-        from probes.export import ProbeLoadError
+    from probes.collect import CollectError
+    from probes.export import ProbeLoadError
 
-        try:
-            result = measure(args)
-        except (ShiftError, CollectError, ProbeLoadError, ValueError) as exc:
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+    def run():
+        result = measure(args)
         print(report(result))
         return result
 
-    return main_guard(run)
+    return main_guard(run, errors=(ShiftError, CollectError, ProbeLoadError, ValueError))
 
 
 if __name__ == "__main__":

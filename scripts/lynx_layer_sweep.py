@@ -206,18 +206,14 @@ def report(result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
 
-    def run():
-        from probes.collect import CollectError
+    from probes.collect import CollectError
 
-        try:
-            result = sweep(args)
-        except (SweepError, CollectError) as exc:
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+    def run():
+        result = sweep(args)
         print(report(result))
         return result
 
-    return main_guard(run)
+    return main_guard(run, errors=(SweepError, CollectError))
 
 
 if __name__ == "__main__":

@@ -113,15 +113,16 @@ def default_field_values() -> dict:
     return {f.name: f.default for f in fields(RLConfig) if f.default is not MISSING}
 
 
-def main_guard(run, argv=None):
-    """Run an entry point, turning user-caused errors into one line and exit code 2."""
+def main_guard(run, errors: tuple[type[BaseException], ...] = ()):
+    """Run an entry point, turning user-caused errors (the framework's, plus the entry point's own
+    ``errors``) into one line and exit code 2."""
     from algos.data import DataConfigError
     from algos.device import DeviceError
     from algos.models import ModelLoadError
 
     from algos.rollout.vllm_engine import VLLMSetupError
 
-    user_errors = (ConfigError, DataConfigError, DeviceError, ModelLoadError, VLLMSetupError)
+    user_errors = (ConfigError, DataConfigError, DeviceError, ModelLoadError, VLLMSetupError, *errors)
     try:
         from rewards import RewardConfigError, RewardError
         user_errors += (RewardConfigError, RewardError)
@@ -130,7 +131,7 @@ def main_guard(run, argv=None):
     try:
         result = run()
     except user_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         sys.exit(2)
     close_process_group()
     return result

@@ -289,16 +289,9 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
 
-    def _run():
-        from routers.traces import TraceError
+    from routers.traces import TraceError
 
-        try:
-            return run(args)
-        except TraceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-
-    return main_guard(_run)
+    return main_guard(lambda: run(args), errors=(TraceError,))
 
 
 if __name__ == "__main__":

@@ -114,26 +114,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
+    from probes.collect import CollectError
+    from probes.cues import CueConfigError
+    from probes.export import ProbeLoadError
+    from probes.pipeline import LynxJobConfig, LynxJobError, run_lynx_job
+    from probes.probe import ProbeTrainConfig
+
     def run():
         import torch
-
-        from probes.collect import CollectError
-        from probes.cues import CueConfigError
-        from probes.export import ProbeLoadError
-        from probes.pipeline import LynxJobConfig, LynxJobError, run_lynx_job
-        from probes.probe import ProbeTrainConfig
 
         threads = args.threads or int(os.environ.get("REPRO_RL_NUM_THREADS") or 0)
         if threads:
             torch.set_num_threads(threads)
         values = {k: v for k, v in vars(args).items() if k != "threads"}
-        try:
-            return run_lynx_job(LynxJobConfig(**values, probe=ProbeTrainConfig(seed=args.seed)))
-        except (LynxJobError, CollectError, CueConfigError, ProbeLoadError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        return run_lynx_job(LynxJobConfig(**values, probe=ProbeTrainConfig(seed=args.seed)))
 
-    return main_guard(run)
+    return main_guard(run, errors=(LynxJobError, CollectError, CueConfigError, ProbeLoadError))
 
 
 if __name__ == "__main__":
