@@ -109,17 +109,8 @@ def suggest_candidates(rows: list[dict], top: int, num_layers: int) -> str:
     return ";".join([str(b) for b in best] + [",".join(map(str, s)) for s in untried + kept])
 
 
-def _run():
-    from routers.traces import TraceError
-
-    try:
-        return main()
-    except TraceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
+    from routers.traces import TraceError
     from train.cli import main_guard
 
-    main_guard(_run)
+    main_guard(main, errors=(TraceError,))
