@@ -45,8 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure(args) -> dict:
     """Premature-exit rates with the stored and the recomputed features; see the module docstring."""
-    import torch
-
     from algos.data import build_prompt
     from algos.device import dtype_name, resolve_device_dtype
     from algos.models import load_causal_lm, load_tokenizer
