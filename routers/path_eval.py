@@ -34,7 +34,7 @@ import torch
 
 from rewards.verify import is_correct
 from routers.paths import default_path
-from routers.routed_model import RoutedModel, positions_from_mask
+from routers.routed_model import RoutedModel
 
 
 def encode_left_padded(tokenizer, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,22 +141,14 @@ class GenerationEvaluator:
             self.draft_accepted += 1
             return draft
         k = int(misses[0])
-        tokens = [*draft[:k].tolist(), int(preds[k])]
         budget = self._budget()
-        if tokens[-1] in self.eos or len(tokens) >= budget:
-            return torch.tensor(tokens[:budget], device=draft.device)
-        cache.crop(-(D - k))  # keep the prompt + d_<k
-        table = out.actions
-        mask = torch.ones(1, P + k + 1, dtype=torch.long, device=draft.device)
-        position = positions_from_mask(mask)[:, -1:]
-        while True:
-            step = self.routed(torch.tensor([[tokens[-1]]], device=draft.device), mask, actions=table,
-                               past_key_values=cache, position_ids=position, logits_to_keep=1)
-            tokens.append(int(step.logits[0, -1].argmax()))
-            if tokens[-1] in self.eos or len(tokens) >= budget:
-                return torch.tensor(tokens, device=draft.device)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
-            position = position + 1
+        if k >= budget:
+            return draft[:budget]
+        cache.crop(-(D - k))  # keep the prompt + d_<k; the forward's logits at k predict the next token
+        mask = torch.ones(1, P + k, dtype=torch.long, device=draft.device)
+        out = self.routed.decode_from(out.logits[:, k], cache, out.actions, draft[None, :k], mask, budget - k,
+                                      eos_token_id=sorted(self.eos) or None)
+        return out.sequences[0]
 
     def answer_start(self) -> int:
         """First draft position of the answer (where ``\\boxed`` begins); the draft's length without one."""

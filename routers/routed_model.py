@@ -306,6 +306,24 @@ class RoutedModel(nn.Module):
         """Greedy or sampled decoding with the KV cache, like HF ``generate``: the path is fixed
         at prefill (``actions`` or ``decide``) and reused; rows that hit EOS get pad tokens;
         decoding stops when every row has finished or after ``max_new_tokens``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = self.new_cache()
+        out = self.forward(input_ids, attention_mask, actions=actions, decide=decide,
+                           past_key_values=cache, logits_to_keep=1)
+        return self.decode_from(out.logits[:, -1], cache, out.actions, input_ids, attention_mask, max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+
+    @torch.no_grad()
+    def decode_from(self, logits: torch.Tensor, cache: PathCache, table: torch.Tensor, sequences: torch.Tensor,
+                    attention_mask: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                    generator: torch.Generator | None = None) -> RoutedGeneration:
+        """The decoding loop of :meth:`generate`, resumable: ``logits`` [B, V] predict the next token
+        after ``cache`` (which covers ``attention_mask``); each picked token is appended to
+        ``sequences`` and fed under the path ``table``, at most ``max_new_tokens`` of them."""
         gen_cfg = getattr(self.model, "generation_config", None)
         if eos_token_id is None and gen_cfg is not None:
             eos_token_id = gen_cfg.eos_token_id
@@ -313,22 +331,14 @@ class RoutedModel(nn.Module):
             pad_token_id = gen_cfg.pad_token_id
         eos = torch.tensor([] if eos_token_id is None else
                            ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                           dtype=torch.long, device=input_ids.device)
+                           dtype=torch.long, device=sequences.device)
         if pad_token_id is None:
             pad_token_id = int(eos[0]) if eos.numel() else 0
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        batch = input_ids.shape[0]
-        sequences = input_ids
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        cache = self.new_cache()
-        out = self.forward(input_ids, attention_mask, actions=actions, decide=decide,
-                           past_key_values=cache, logits_to_keep=1)
-        table = out.actions
+        batch = sequences.shape[0]
+        unfinished = torch.ones(batch, dtype=torch.bool, device=sequences.device)
         position_ids = positions_from_mask(attention_mask)[:, -1:]
         for step in range(max_new_tokens):
-            scores = out.logits[:, -1, :].float()
-            next_tokens = _pick(scores, do_sample, temperature, top_k, top_p, generator)
+            next_tokens = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
             if eos.numel():
@@ -337,8 +347,8 @@ class RoutedModel(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
             position_ids = position_ids + 1
-            out = self.forward(next_tokens[:, None], attention_mask, actions=table, past_key_values=cache,
-                               position_ids=position_ids, logits_to_keep=1)
+            logits = self.forward(next_tokens[:, None], attention_mask, actions=table, past_key_values=cache,
+                                  position_ids=position_ids, logits_to_keep=1).logits[:, -1]
         return RoutedGeneration(sequences=sequences, actions=table, layers_executed=table.sum(-1),
                                 num_layers=self.num_layers)
 
