@@ -178,22 +178,36 @@ def _module_weights(name: str, module, lora: bool) -> list[tuple[str, torch.Tens
     return [(f"{name}.{p}" if name else p, t.detach()) for p, t in module.named_parameters(recurse=False)]
 
 
-class _DropRotaryWarning(logging.Filter):
+class _DropMessages(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _quiet_rotary_warning():
-    """vLLM's reload warns on every sync that the rotary embedding got no weights: it has none to get (its
-    cos/sin cache is a buffer computed at start), and the synced log-probs match the policy (tests)."""
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    quiet = _DropRotaryWarning()
+def _quiet(logger_name: str, text: str):
+    """Drop one known-harmless vLLM warning (records of ``logger_name`` containing ``text``) while inside."""
+    log, quiet = logging.getLogger(logger_name), _DropMessages(text)
     log.addFilter(quiet)
     try:
         yield
     finally:
         log.removeFilter(quiet)
+
+
+def _quiet_rotary_warning():
+    """vLLM's reload warns on every sync that the rotary embedding got no weights: it has none to get (its
+    cos/sin cache is a buffer computed at start), and the synced log-probs match the policy (tests)."""
+    return _quiet("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_cast_warning():
+    """vLLM's loader warns once per tensor (122 lines for SmolLM2) that a checkpoint's dtype is narrowed to
+    the engine's (fp32 into bf16): that cast is what ``--vllm_dtype`` (auto: bf16 with ``--bf16``) asks for."""
+    return _quiet("vllm.model_executor.models.utils", "Attempted to load weight")
 
 
 # The engine ---------------------------------------------------------------------------------------
@@ -254,7 +268,8 @@ class VLLMEngine:
 
             threads = torch.get_num_threads()
             set_threads = torch.set_num_threads
-            llm = LLM(**kwargs)
+            with _quiet_cast_warning():
+                llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 -- vLLM raises many types; the user gets one line
             raise VLLMSetupError(f"vLLM could not start on '{model_path}': "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
