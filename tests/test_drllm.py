@@ -249,6 +249,22 @@ def test_generate_stops_at_eos_and_pads_finished_rows(model, routed):
     assert out.sequences[0, ids.shape[1]] == eos and (out.sequences[0, ids.shape[1] + 1:] == PAD).all()
 
 
+def test_decode_from_resumes_generate_from_a_prefilled_cache(routed):
+    """Prefilling prompt + the first k generated tokens and resuming with ``decode_from`` gives
+    ``generate``'s sequence (a path with a skip and a repeat, a left-padded batch)."""
+    ids, mask = batch_inputs()
+    path, k = [0, 1, 1, 3], 2  # row 2 ends (EOS) at its third new token: in the resumed part
+    full = routed.generate(ids, mask, actions=path, max_new_tokens=9, pad_token_id=PAD).sequences
+    head = full[:, :ids.shape[1] + k]
+    head_mask = torch.cat([mask, mask.new_ones(mask.shape[0], k)], dim=-1)
+    cache = routed.new_cache()
+    out = routed(head, head_mask, actions=path, past_key_values=cache, logits_to_keep=1)
+    resumed = routed.decode_from(out.logits[:, -1], cache, out.actions, head, head_mask, 9 - k, pad_token_id=PAD)
+    assert full[2, ids.shape[1] + k] == EOS and (full[2, ids.shape[1] + k + 1:] == PAD).all()
+    assert torch.equal(resumed.sequences, full)
+    assert resumed.layers_executed.tolist() == [len(path)] * 3
+
+
 def test_path_cache_builds_from_either_transformers_cache_kwargs_form(model, routed, monkeypatch):
     """transformers before 5.19 returns one kwargs dict for all layers, 5.19+ one per layer: the
     routed cache takes both, and a path with a repeat decodes the same either way."""
