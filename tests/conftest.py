@@ -28,16 +28,18 @@ def default_tokenizer(work: Path):
         return load_tokenizer(str(gpu_check.tokenizer_dir(Path(work))))
 
 
-def make_tiny_model(path: Path, seed: int = 0) -> Path:
+def make_tiny_model(path: Path, seed: int = 0, **config_overrides) -> Path:
+    """A 2-block Llama with the default tokenizer saved at ``path``; ``config_overrides`` change its
+    LlamaConfig (``initializer_range=0.3`` gives outputs that depend on the prefix)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = default_tokenizer(path.parent)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**(dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=512, tie_word_embeddings=True,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id) | config_overrides))
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

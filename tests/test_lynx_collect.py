@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import probes.collect as collect_mod
+from conftest import make_tiny_model
 from algos.models import load_causal_lm, load_tokenizer
 from probes.collect import (CollectConfig, CollectError, _AnswerClosed, collect_events, evenly_spaced,
                             forced_exit_answers, split_problems)
@@ -33,18 +34,8 @@ EXIT = "\nFinal Answer: \\boxed{"
 def tiny_model_path(tmp_path_factory) -> str:
     """conftest's tiny Llama with larger random weights (initializer_range 0.3), so that its outputs
     depend on the prefix (with the default 0.02 it repeats one token whatever the input)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama-diverse")
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-llama-diverse"), initializer_range=0.3,
+                               tie_word_embeddings=False))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import probes.collect as collect_mod
-from algos.models import load_causal_lm, load_tokenizer
+from conftest import make_tiny_model
+from algos.models import load_causal_lm
 from probes.pipeline import LynxJobConfig, run_lynx_job
 from routers.export import save_router
 from routers.router import PathRouter
@@ -34,17 +35,8 @@ sweep_spec.loader.exec_module(sweep)
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """(probe dir, router dir) of a LYNX job on a tiny Llama with large random weights (outputs depend on the prefix)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("lynx-shift")
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    make_tiny_model(root / "model", initializer_range=0.3, tie_word_embeddings=False)
     patch = pytest.MonkeyPatch()
     patch.setattr(collect_mod, "is_correct", lambda text, gold, require_boxed=True: int(gold) % 2 == 0)
     try:
