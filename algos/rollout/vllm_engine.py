@@ -210,6 +210,12 @@ def _quiet_cast_warning():
     return _quiet("vllm.model_executor.models.utils", "Attempted to load weight")
 
 
+def _quiet_thread_warning():
+    """vLLM's CPU worker turns ``torch.set_num_threads`` into a warning while it starts (its threads are bound);
+    the calls it skips are its own, and the trainer gets the function back after the start (``_start``)."""
+    return _quiet("vllm.v1.worker.cpu_worker", "torch.set_num_threads")
+
+
 # The engine ---------------------------------------------------------------------------------------
 class _SharedLLM:
     """The vLLM engine and its sync state, shared by an engine and its ``with_params`` copies."""
@@ -268,7 +274,7 @@ class VLLMEngine:
 
             threads = torch.get_num_threads()
             set_threads = torch.set_num_threads
-            with _quiet_cast_warning():
+            with _quiet_cast_warning(), _quiet_thread_warning():
                 llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 -- vLLM raises many types; the user gets one line
             raise VLLMSetupError(f"vLLM could not start on '{model_path}': "
