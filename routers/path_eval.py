@@ -146,8 +146,8 @@ class GenerationEvaluator:
             return draft[:budget]
         cache.crop(-(D - k))  # keep the prompt + d_<k; the forward's logits at k predict the next token
         mask = torch.ones(1, P + k, dtype=torch.long, device=draft.device)
-        out = self.routed.decode_from(out.logits[:, k], cache, out.actions, draft[None, :k], mask, budget - k,
-                                      eos_token_id=sorted(self.eos) or None)
+        # decode_from stops at the model's generation-config EOS, the same ids as self.eos
+        out = self.routed.decode_from(out.logits[:, k], cache, out.actions, draft[None, :k], mask, budget - k)
         return out.sequences[0]
 
     def answer_start(self) -> int:
