@@ -6,7 +6,6 @@ CPU tests cover the device-agnostic code (bf16 on the CPU stands in for a second
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

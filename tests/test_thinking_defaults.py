@@ -24,7 +24,7 @@ def test_lynx_collection_length_defaults_to_4096_for_a_thinking_model():
 
 def test_router_path_evaluations_default_by_model_and_refuse_15_tokens_for_a_thinking_model():
     from routers.traces import TraceError
-    from train.drllm_router import main, path_eval_tokens
+    from train.drllm_router import path_eval_tokens
 
     assert path_eval_tokens(None, thinking=True) == 1024
     assert path_eval_tokens(None, thinking=False) == 15
