@@ -6,12 +6,14 @@ Field names follow TRL's ``GRPOConfig`` where the concept exists (``num_generati
 
 The defaults are the headline run, ``accelerate launch train/grpo.py --reward repro``: the thinking
 default model (``smollm2-135m-thinking``, built and cached on first use) on the thinking task, 7 steps of
-16 completions with vLLM rollouts under bf16, held-out accuracy before and after, sized to fit 15
-minutes on a 2-core CPU with set-up. The other configs in ``configs/`` set every field they rely on.
+16 completions with vLLM rollouts under bf16 (fp32 on a CPU without fast bf16), held-out accuracy before
+and after, sized to fit 15 minutes on a 2-core CPU with set-up. The other configs in ``configs/`` set every field they rely on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+
+from algos.device import bf16_is_fast
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp", "reinforce_pp_baseline")
 LOSS_TYPES = {  # TRL loss_type -> aggregation mode of algos.losses.aggregate
@@ -169,8 +171,9 @@ class RLConfig:
                                 choices=("constant", "linear", "cosine"))
     warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
-    bf16: bool = _f(True, "Run the policy in bfloat16 (mixed precision through Accelerate: fp32 master "
-                    "weights); false: fp32 throughout.")
+    bf16: bool = _f(bf16_is_fast(), "Run the policy in bfloat16 (mixed precision through Accelerate: fp32 "
+                    "master weights); false: fp32 throughout. Default: true where bf16 is fast (a CUDA GPU with "
+                    "bf16, a CPU with AVX-512), false on an AVX2-only CPU, which emulates bf16 about 27x slower.")
     ds3_gather_for_generation: bool = _f(True, "DeepSpeed ZeRO-3: gather the policy's parameters once per "
                                          "rollout and evaluation (TRL's name) instead of layer by layer "
                                          "at every decoding step. Off for a model too big for one device.")

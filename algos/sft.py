@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from algos.thinking_task import THINK_END, THINK_START, ThinkingTask, TraceStyle
@@ -50,7 +50,7 @@ class SFTJobConfig:
     max_length: int = 512
     seed: int = 0
     add_think_tokens: bool = False           # True: <think>/</think> as new single tokens (needs longer training)
-    bf16: bool | None = None                 # None: bf16 autocast where the device supports it
+    bf16: bool | None = None                 # None: bf16 autocast where it is fast (algos.device.bf16_is_fast)
     task: ThinkingTask = field(default_factory=ThinkingTask)
     report_to: str = "none"
     progress: bool = True
@@ -132,6 +132,9 @@ def run_sft(config: SFTJobConfig) -> Path:
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
+    if not bf16 and not torch.cuda.is_available():
+        print("[repro-rl] SFT in float32: this CPU has no fast bfloat16 (AVX-512); the thinking default's "
+              "reference build used bf16, so its bytes differ from this one's", flush=True)
     target = Path(config.output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
@@ -154,7 +157,7 @@ def run_sft(config: SFTJobConfig) -> Path:
         final = work / "final"
         model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
-        (final / "sft_recipe.json").write_text(_recipe_json(config))
+        (final / "sft_recipe.json").write_text(_recipe_json(replace(config, bf16=bf16)))  # the precision used
         if target.exists():
             shutil.rmtree(target)
         os.replace(final, target)
@@ -164,11 +167,11 @@ def run_sft(config: SFTJobConfig) -> Path:
 
 
 def _bf16_supported() -> bool:
-    import torch
+    """bf16 autocast where it is fast (:func:`algos.device.bf16_is_fast`): on an AVX2-only CPU the build
+    runs in float32, since emulated bf16 would take hours instead of minutes."""
+    from algos.device import bf16_is_fast
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return True  # CPU autocast runs bf16 on every torch 2.x CPU build
+    return bf16_is_fast()
 
 
 def _recipe_json(config: SFTJobConfig) -> str:

@@ -31,6 +31,7 @@ from algos.data import SYNTHETIC_TASKS, ArithmeticTask, load_records
 from algos.data_formats import dataset_prompt, render_prompt
 from algos.deepspeed_setup import (accelerator_placement, fill_deepspeed_config, gathered_for_generation,
                                    prepare_frozen_model)
+from algos.device import cpu_has_fast_bf16
 from algos.dynamic_sampling import first_groups, informative_groups
 from algos.evaluation import evaluate_accuracy
 from algos.importance import engine_is_weights
@@ -166,6 +167,9 @@ class RLTrainer:
             use_cpu_threads(acc.num_processes)
         self.log_main(f"[repro-rl] {c.algorithm} on {acc.num_processes} process(es), "
                       f"device {acc.device}, outputs -> {c.output_dir}")
+        if c.bf16 and acc.device.type == "cpu" and not cpu_has_fast_bf16():
+            self.log_main("[repro-rl] warning: --bf16 on a CPU without AVX-512 emulates bfloat16, about 27x "
+                          "slower than float32; pass --bf16 false")
 
         # Data and rewards first: a bad dataset or reward spec fails before the model loads.
         self.train_records, self.eval_records = self._load_data()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from algos.config import RLConfig
 from algos.device import DeviceError, module_device, resolve_device, resolve_device_dtype, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,35 @@ def test_auto_is_cuda_bf16_where_available_else_cpu_fp32():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("float16", "cpu") == torch.float16
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_bf16_default_follows_the_hardware(monkeypatch):
+    """bf16 mixed precision by default only where it is fast: an AVX2-only CPU emulates it (27x slower)."""
+    import algos.device as device
+    import algos.sft as sft
+
+    for fast in (True, False):
+        monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert device.bf16_is_fast() is fast and device.bf16_is_fast("cpu") is fast
+        assert sft._bf16_supported() is fast  # the thinking model's build
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device.bf16_is_fast("cuda") is True  # a GPU's answer, whatever the CPU
+    monkeypatch.undo()
+    assert RLConfig().bf16 is device.bf16_is_fast()  # the trainer's default, decided on this machine
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_warns_in_one_line(tiny_model_path, tmp_path, capsys, monkeypatch,
+                                                          fresh_accelerate_state):
+    import algos.trainer as trainer_module
+    from algos.trainer import RLTrainer
+    from test_trainer import make_config
+
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
+    RLTrainer(make_config(tiny_model_path, tmp_path, bf16=True))
+    warned = [line for line in capsys.readouterr().out.splitlines() if "emulates bfloat16" in line]
+    assert warned == ["[repro-rl] warning: --bf16 on a CPU without AVX-512 emulates bfloat16, about 27x slower "
+                      "than float32; pass --bf16 false"]
 
 
 def test_bad_device_or_dtype_is_one_line():

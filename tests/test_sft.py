@@ -67,6 +67,7 @@ def test_run_sft_trains_and_saves_atomically_with_its_recipe(tiny_model_path, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # no temporary directory left
     recipe = json.loads((out / "sft_recipe.json").read_text())
     assert recipe["num_train_samples"] == 8 and recipe["task"]["style"]["recheck_rate"] == 0.5
+    assert recipe["bf16"] is False  # the precision it ran in
     tuned, base = load_causal_lm(out), load_causal_lm(tiny_model_path)
     assert weight_fingerprint(tuned) != weight_fingerprint(base)  # it trained
     assert "</think>" in load_tokenizer(out).chat_template

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     a("--add_think_tokens", type=_parse_bool, nargs="?", const=True, default=d.add_think_tokens, metavar="BOOL",
       help="add <think> and </think> to the tokenizer as single tokens")
     a("--bf16", type=_parse_bool, nargs="?", const=True, default=d.bf16, metavar="BOOL",
-      help="bf16 autocast; default: where the device supports it")
+      help="bf16 autocast; default: where it is fast (a CUDA GPU with bf16, a CPU with AVX-512; float32 on an AVX2-only CPU)")
     a("--report_to", default=d.report_to, help="'none', 'wandb', 'tensorboard' (transformers' loggers)")
     a("--progress", type=_parse_bool, nargs="?", const=True, default=d.progress, metavar="BOOL", help="progress bar")
     g = p.add_argument_group("thinking traces (--dataset thinking)")
