@@ -7,7 +7,8 @@ Field names follow TRL's ``GRPOConfig`` where the concept exists (``num_generati
 The defaults are the headline run, ``accelerate launch train/grpo.py --reward repro``: the thinking
 default model (``smollm2-135m-thinking``, built and cached on first use) on the thinking task, 7 steps of
 16 completions with vLLM rollouts under bf16 (fp32 on a CPU without fast bf16), held-out accuracy before
-and after, sized to fit 15 minutes on a 2-core CPU with set-up. The other configs in ``configs/`` set every field they rely on.
+and after, sized to fit 15 minutes with set-up on a 2-core CPU with AVX512-BF16 (about 22 on an AVX2-only
+one). The other configs in ``configs/`` set every field they rely on.
 """
 from __future__ import annotations
 
