@@ -132,7 +132,7 @@ def run_sft(config: SFTJobConfig) -> Path:
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
-    if not bf16 and not torch.cuda.is_available():
+    if config.bf16 is None and not bf16 and not torch.cuda.is_available():  # chosen here, not by the user
         print("[repro-rl] SFT in float32: this CPU has no fast bfloat16 (AVX-512); the thinking default's "
               "reference build used bf16, so its bytes differ from this one's", flush=True)
     target = Path(config.output_dir)
