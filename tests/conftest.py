@@ -46,6 +46,19 @@ def make_tiny_model(path: Path, seed: int = 0, **config_overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_finished_sessions_on_disk(tmp_path_factory):
+    """Remove the temp dirs of earlier, finished pytest sessions before this one writes checkpoints (GBs
+    for the 135M model): pytest prunes them only at exit, so a run would share the disk with them. A
+    session still running holds a ``.lock`` in its dir and is left alone."""
+    import shutil
+
+    current = tmp_path_factory.getbasetemp()
+    for old in current.parent.glob("pytest-*"):
+        if old.is_dir() and not old.is_symlink() and old != current and not (old / ".lock").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-llama")))

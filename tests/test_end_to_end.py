@@ -43,7 +43,7 @@ def test_grpo_end_to_end_on_the_default_model(tmp_path):
                   "--reward", "accuracy,format", "--max_steps", "2",
                   "--num_generations", "4", "--per_device_train_batch_size", "8",
                   "--max_completion_length", "16", "--num_eval_samples", "8", "--eval_on_start",
-                  "--output_dir", str(out), "--report_to", "wandb", "--save_steps", "1"])
+                  "--output_dir", str(out), "--report_to", "wandb"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final model in" in result.stdout and "held-out accuracy after training" in result.stdout
     steps = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -52,7 +52,8 @@ def test_grpo_end_to_end_on_the_default_model(tmp_path):
     for key in ("rewards/accuracy", "rewards/format", "completion_length/mean", "entropy",
                 "throughput/generation_tokens_per_second", "grad_norm", "learning_rate"):
         assert key in trained[-1], key
-    assert (out / "final" / "model.safetensors").exists() and (out / "checkpoint-1").is_dir()
+    # step checkpoints (rotation, resume) are tested on the tiny model: each one of this model is 2 GB on disk
+    assert (out / "final" / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 
