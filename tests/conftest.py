@@ -47,15 +47,20 @@ def make_tiny_model(path: Path, seed: int = 0, **config_overrides) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_finished_sessions_on_disk(tmp_path_factory):
+def _no_finished_sessions_on_disk(request, tmp_path_factory):
     """Remove the temp dirs of earlier, finished pytest sessions before this one writes checkpoints (GBs
     for the 135M model): pytest prunes them only at exit, so a run would share the disk with them. A
-    session still running holds a ``.lock`` in its dir and is left alone."""
+    session still running holds a ``.lock`` in its dir and is left alone; a ``--basetemp`` given by the
+    user is pytest's to manage (it empties that dir itself)."""
+    import re
     import shutil
 
     current = tmp_path_factory.getbasetemp()
-    for old in current.parent.glob("pytest-*"):
-        if old.is_dir() and not old.is_symlink() and old != current and not (old / ".lock").exists():
+    if request.config.getoption("basetemp") or not re.fullmatch(r"pytest-\d+", current.name):
+        return
+    for old in current.parent.iterdir():
+        if (re.fullmatch(r"pytest-\d+", old.name) and old != current and old.is_dir() and not old.is_symlink()
+                and not (old / ".lock").exists()):
             shutil.rmtree(old, ignore_errors=True)
 
 
