@@ -55,12 +55,12 @@ def _no_finished_sessions_on_disk(request, tmp_path_factory):
     import re
     import shutil
 
+    numbered = re.compile(r"pytest-\d+")  # pytest's own session dirs (pytest-current is a link to one)
     current = tmp_path_factory.getbasetemp()
-    if request.config.getoption("basetemp") or not re.fullmatch(r"pytest-\d+", current.name):
+    if request.config.getoption("basetemp") or not numbered.fullmatch(current.name):
         return
     for old in current.parent.iterdir():
-        if (re.fullmatch(r"pytest-\d+", old.name) and old != current and old.is_dir() and not old.is_symlink()
-                and not (old / ".lock").exists()):
+        if numbered.fullmatch(old.name) and old != current and not (old / ".lock").exists():
             shutil.rmtree(old, ignore_errors=True)
 
 
