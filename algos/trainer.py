@@ -244,7 +244,8 @@ class RLTrainer:
         else:
             self.eval_engine = HFGenerateEngine(self.tokenizer, sampling)
             self.engine = self.eval_engine if c.rollout == "hf" else self._eager_engine(sampling)
-        # vLLM reports no entropies: the trainer's own forward pass supplies them.
+        # vLLM reports no entropies: a forward pass before the update measures them when REPRO ranks by
+        # them (or a KL joins the reward); otherwise the update's own forward pass logs them.
         self.engine_entropies = getattr(self.engine, "provides_entropies", True)
         # Micro-batches run as length buckets (less padding), except under DeepSpeed, whose engine
         # expects one backward per micro-step.
@@ -474,6 +475,14 @@ class RLTrainer:
                          gamma=c.gamma, lam=c.lam, scale=c.scale_rewards, reduce=self.sum_over_processes,
                          valid=valid)
 
+    def _repro_needs_entropies(self, batch: RolloutBatch) -> bool:
+        """Whether REPRO ranks some rollout's line breaks by entropy (``ReproReward.needs_entropies``),
+        on any process: all of them then run the pass (under ZeRO-3 a forward pass is collective)."""
+        if self.repro is None:
+            return False
+        local = torch.tensor(float(self.repro.needs_entropies(self.tokenizer, batch)), device=self.accelerator.device)
+        return bool(self.sum_over_processes(local) > 0)
+
     def repro_process_term(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """REPRO's term, scored with the current policy: for PPO the group-normalised process
         rewards (GAE accumulates them), otherwise their normalised return-to-go Ã."""
@@ -586,10 +595,10 @@ class RLTrainer:
 
         t2 = time.perf_counter()
         reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
-        # Without the engine's entropies, REPRO (entropy-selected points) and a KL in the reward (the
-        # trainer's own log-probs) need the forward pass before the update.
+        # Without the engine's entropies, REPRO (when entropies pick its points) and a KL in the reward
+        # (the trainer's own log-probs) need the forward pass before the update.
         needs_trainer_pass = not self.engine_entropies and (
-            self.repro is not None or (c.kl_coef > 0 and c.kl_in_reward))
+            (c.kl_coef > 0 and c.kl_in_reward) or self._repro_needs_entropies(batch))
         old_logp, old_values = None, None
         self.entropy_in_update = False
         if not reuse_rollout or c.algorithm == "ppo" or needs_trainer_pass:

@@ -1,7 +1,7 @@
 """REPRO process reward: entropy-selected, likelihood-based dual score of a chain of thought.
 
 Source: Liu et al., "Rectifying LLM Thought from Lens of Optimization", arXiv 2512.01925
-(spec and departures from the reference code: ``/work/shared/papers/repro.md``).
+(spec and departures from the reference code: the project's ``papers/repro.md``).
 
 For each rollout:
 
@@ -146,6 +146,24 @@ class ReproReward:
         w = self.config.stability_weight
         return (1.0 - w) * baseline_magnitude() + w * 0.5
 
+    def _segments(self, tokenizer, batch: RolloutBatch):
+        """Per rollout: its response ids (no padding), thinking length and line-break flags."""
+        lengths = batch.response_mask.sum(dim=-1).tolist()
+        for b in range(batch.response_ids.shape[0]):
+            ids = batch.response_ids[b, : int(lengths[b])].tolist()
+            think = thinking_length(tokenizer, ids, self.config.think_end_marker)
+            yield ids, think, line_break_flags(tokenizer, ids[:think])
+
+    def needs_entropies(self, tokenizer, batch: RolloutBatch) -> bool:
+        """Whether ``batch.entropies`` decide any rollout's points: some rollout has more candidates
+        (line breaks inside its thinking, :func:`select_points`) than ``top_k``. When none has, every
+        candidate is scored and the entropies are never read, so a trainer whose rollout engine reports
+        none (vLLM) need not run a forward pass to measure them."""
+        k = self.config.top_k
+        if k is None or k <= 0:  # every candidate kept, or none
+            return False
+        return any(sum(flags[: think - 1]) > k for _, think, flags in self._segments(tokenizer, batch))
+
     def plan(
         self, tokenizer, batch: RolloutBatch, answers: list[str]
     ) -> tuple[list[list[int]], list[int], list[ScoringRequest]]:
@@ -157,12 +175,8 @@ class ReproReward:
         B = batch.response_ids.shape[0]
         if len(answers) != B:
             raise ValueError(f"got {len(answers)} answers for {B} rollouts")
-        lengths = batch.response_mask.sum(dim=-1).tolist()
         all_points, rows, requests = [], [], []
-        for b in range(B):
-            ids = batch.response_ids[b, : int(lengths[b])].tolist()
-            think = thinking_length(tokenizer, ids, cfg.think_end_marker)
-            flags = line_break_flags(tokenizer, ids[:think])
+        for b, (ids, think, flags) in enumerate(self._segments(tokenizer, batch)):
             points = select_points(flags, batch.entropies[b, :think], think, cfg.top_k)
             all_points.append(points)
             if think == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 import os
 
 import pytest
@@ -475,6 +476,24 @@ def test_repro_reward_end_to_end(attn, merged_tok, gpt2_tok):
                     "process_reward_mean", "process_reward_std", "seconds"):
             assert isinstance(out.stats[key], float)
         assert out.stats["points_mean"] == pytest.approx(sum(map(len, out.points)) / B)
+
+
+def test_entropies_matter_only_when_line_breaks_outnumber_top_k(gpt2_tok):
+    """``needs_entropies`` says whether some rollout has more candidates than top_k; when none has, the
+    output is the same whatever the entropies (so vLLM's trainer may skip the pass that measures them)."""
+    model = _tiny_llama(len(gpt2_tok))
+    batch, _, responses, think_lens = _rollout_batch(gpt2_tok, PROMPTS, THINKS, TAILS)
+    most = max(sum(line_break_flags(gpt2_tok, ids[:L])[: L - 1]) for ids, L in zip(responses, think_lens))
+    assert most >= 3
+    assert ReproReward(top_k=most - 1).needs_entropies(gpt2_tok, batch)
+    for top_k in (most, most + 5, None, 0):
+        assert not ReproReward(top_k=top_k).needs_entropies(gpt2_tok, batch), top_k
+    flat = replace(batch, entropies=torch.zeros_like(batch.entropies))
+    for top_k, same in ((most, True), (1, False)):
+        a, b = (ReproReward(top_k=top_k)(model, gpt2_tok, x, ANSWERS) for x in (batch, flat))
+        assert (a.points == b.points) is same, top_k
+        if same:
+            torch.testing.assert_close(a.token_rewards, b.token_rewards, atol=0, rtol=0)
 
 
 def test_answers_default_to_batch_extras(gpt2_tok):

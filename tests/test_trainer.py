@@ -162,6 +162,38 @@ def test_repro_with_alpha_zero_changes_nothing(tiny_model_path, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.parametrize("ranks_by_entropy", [False, True])
+def test_repro_on_an_engine_without_entropies_measures_them_only_when_they_pick_points(
+        tiny_model_path, tmp_path, monkeypatch, ranks_by_entropy):
+    """vLLM reports no entropies. When REPRO scores every line break (none has more than top_k), the forward
+    pass before the update is skipped and the step trains as with it; otherwise that pass supplies them."""
+    from rewards.repro import ReproReward
+
+    def run(out, force_pass):
+        config = make_config(tiny_model_path, out, max_steps=1, max_completion_length=16,
+                             reward=f"{REWARDS}:length_reward,repro", repro_alpha=1.0)
+        trainer = RLTrainer(config)
+        trainer.engine_entropies = False  # as with vLLM
+        passes = []
+        forward = trainer._batched_forward
+        monkeypatch.setattr(trainer, "_batched_forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+        if force_pass:
+            monkeypatch.setattr(ReproReward, "needs_entropies", lambda self, tokenizer, batch: True)
+        trainer.train()
+        monkeypatch.undo()
+        return len(passes), [m for m in read_metrics(out) if "loss/policy" in m][0], weights(Path(out) / "final")
+
+    passes, metrics, trained = run(tmp_path / "run", ranks_by_entropy)
+    assert passes == int(ranks_by_entropy)
+    assert metrics["entropy"] > 0 and metrics["repro/points_mean"] >= 1
+    if not ranks_by_entropy:  # the same step as with the pass (old log-probs equal up to rounding)
+        _, with_pass, reference = run(tmp_path / "with_pass", True)
+        for key in ("entropy", "loss/policy", "grad_norm", "repro/process_reward_mean"):
+            assert metrics[key] == pytest.approx(with_pass[key], rel=1e-4, abs=1e-6), key
+        for k in trained:
+            torch.testing.assert_close(trained[k], reference[k], atol=2e-5, rtol=0)
+
+
 def test_cpu_threads_follow_processes_unless_overridden(monkeypatch):
     import os
 
