@@ -145,7 +145,8 @@ def build_ours(args, model_path: str, out_dir: str, use_vllm: bool = False):
         max_completion_length=args.max_completion_length, temperature=args.temperature,
         learning_rate=args.learning_rate, max_steps=args.steps, reward="accuracy", report_to="none",
         log_completions_steps=0, num_eval_samples=0, eval_on_start=False, bf16=args.bf16, gradient_accumulation_steps=1,
-        gradient_checkpointing=args.gradient_checkpointing, drop_finished_sequences=not args.hf_generate)
+        gradient_checkpointing=args.gradient_checkpointing, drop_finished_sequences=not args.hf_generate,
+        dynamic_sampling=False)  # one generation round per step, as TRL's
     return RLTrainer(config)
 
 

@@ -137,7 +137,7 @@ def row_grpo(model_path: str, dry_run: bool, peak: float) -> tuple[str, str]:
                       num_generations=group, per_device_train_batch_size=prompts * group, max_completion_length=length,
                       max_steps=steps, reward=REWARD, report_to="none", log_completions_steps=0, num_eval_samples=0,
                       bf16=True, learning_rate=1e-6, use_vllm=False, gradient_accumulation_steps=1,
-                      temperature=1.0, eval_on_start=False)
+                      temperature=1.0, eval_on_start=False, dynamic_sampling=False)
     trainer = RLTrainer(config)
     n_linear = sum(m.weight.numel() for m in trainer.policy.modules() if isinstance(m, torch.nn.Linear))
     rates, mfus = [], []

@@ -123,12 +123,14 @@ def test_headline_defaults_run_repro_with_vllm(tmp_path):
     state = json.loads((out / "final" / "trainer_state.json").read_text())["config"]
     from algos.device import bf16_is_fast
 
-    expected = ("thinking", True, bf16_is_fast(), True)  # bf16 where it is fast (not on an AVX2-only CPU)
-    assert (state["dataset"], state["use_vllm"], state["bf16"], state["eval_on_start"]) == expected
+    expected = ("thinking", True, bf16_is_fast(), True, True)  # bf16 where it is fast (not on an AVX2-only CPU)
+    assert (state["dataset"], state["use_vllm"], state["bf16"], state["eval_on_start"],
+            state["dynamic_sampling"]) == expected
     step = [json.loads(l) for l in open(out / "metrics.jsonl") if "loss/policy" in l]
     assert len(step) == 1
     assert "vllm/abs_logprob_diff" in step[0] and step[0]["repro/points_mean"] > 0  # vLLM sampled, REPRO scored
     assert "rewards/accuracy" in step[0]  # --reward repro alone: accuracy + REPRO
+    assert 1 <= step[0]["dynamic_sampling/rounds"] <= 4  # DAPO's dynamic sampling, on by default
 
 
 @pytest.mark.slow
