@@ -8,7 +8,7 @@ The defaults are the headline run, ``accelerate launch train/grpo.py --reward re
 default model (``smollm2-135m-thinking``, built and cached on first use) on the thinking task, 7 steps of
 16 completions with vLLM rollouts under bf16 (fp32 on a CPU without fast bf16) and DAPO's dynamic sampling
 (a prompt whose completions all score the same is replaced), held-out accuracy before
-and after, sized to fit 15 minutes with set-up on a 2-core CPU with AVX512-BF16 (about 22 on an AVX2-only
+and after, sized to fit 15 minutes with set-up on a 2-core CPU with AVX512-BF16 (about 20 on an AVX2-only
 one). The other configs in ``configs/`` set every field they rely on.
 """
 from __future__ import annotations
