@@ -88,6 +88,23 @@ def test_dynamic_sampling_trains_on_what_it_has_after_the_last_round(tiny_model_
     assert "found 0 of 2 informative groups in 2 rounds" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("algorithm, rollout", [("ppo", "hf"), ("reinforce_pp", "hf"), ("grpo", "eager")])
+def test_dynamic_sampling_with_a_critic_without_groups_baselines_and_with_eager_rollouts(
+        tiny_model_path, tmp_path, algorithm, rollout):
+    """On by default, so it must compose with PPO's critic, REINFORCE++'s batch baseline and EAGER's
+    variable-size groups: the kept groups train and the prompt position advances by the rounds run."""
+    extra = {"eager_mode": "init", "eager_threshold": -1.0} if rollout == "eager" else {}
+    RLTrainer(_dynamic(tiny_model_path, tmp_path, algorithm=algorithm, rollout=rollout, max_steps=2,
+                       **extra)).train()
+    steps = [m for m in read_metrics(tmp_path) if "loss/policy" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert 1 <= m["dynamic_sampling/rounds"] <= 6 and 1.0 <= m["dynamic_sampling/groups"] <= 2.0
+        assert torch.isfinite(torch.tensor(m["loss/policy"])) and m["grad_norm"] > 0
+    state = json.loads((tmp_path / "final" / "trainer_state.json").read_text())
+    assert state["prompts_consumed"] == 2 * sum(m["dynamic_sampling/rounds"] for m in steps)
+
+
 def test_mask_truncated_completions(tiny_model_path, tmp_path):
     trainer = RLTrainer(make_config(tiny_model_path, tmp_path, mask_truncated_completions=True))
     B, T = 3, 4
