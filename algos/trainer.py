@@ -595,13 +595,14 @@ class RLTrainer:
 
         t2 = time.perf_counter()
         reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
-        # Without the engine's entropies, REPRO (when entropies pick its points) and a KL in the reward
-        # (the trainer's own log-probs) need the forward pass before the update.
-        needs_trainer_pass = not self.engine_entropies and (
-            (c.kl_coef > 0 and c.kl_in_reward) or self._repro_needs_entropies(batch))
+        # Off-policy updates and PPO's values need the forward pass before the update; so do, without the
+        # engine's entropies, a KL in the reward (the trainer's own log-probs) and REPRO when entropies pick
+        # its points (asked last: it tokenises the batch and synchronises the processes).
+        needs_trainer_pass = not reuse_rollout or c.algorithm == "ppo" or (not self.engine_entropies and (
+            (c.kl_coef > 0 and c.kl_in_reward) or self._repro_needs_entropies(batch)))
         old_logp, old_values = None, None
         self.entropy_in_update = False
-        if not reuse_rollout or c.algorithm == "ppo" or needs_trainer_pass:
+        if needs_trainer_pass:
             old_logp, old_values, entropies = self._batched_forward(
                 self.model, batch, with_entropy=not self.engine_entropies)
             if entropies is not None:
