@@ -122,6 +122,7 @@ def run_sft(config: SFTJobConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from algos.models import load_causal_lm, load_tokenizer
+    from algos.sft_trainer import LabelWindowSFTTrainer
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
@@ -149,7 +150,9 @@ def run_sft(config: SFTJobConfig) -> Path:
             train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
             save_strategy="no", logging_steps=5, report_to=config.report_to, disable_tqdm=not config.progress,
             dataloader_num_workers=0)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        # On the CPU, TRL's fused LM head scores every position with per-tile torch ops: see algos/sft_trainer.py
+        trainer_class = SFTTrainer if torch.cuda.is_available() else LabelWindowSFTTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
         model = trainer.model
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -73,6 +73,49 @@ def test_run_sft_trains_and_saves_atomically_with_its_recipe(tiny_model_path, tm
     assert "</think>" in load_tokenizer(out).chat_template
 
 
+def test_label_window_loss_equals_trls_fused_head_loss(tiny_model_path, tmp_path):
+    """The CPU trainer's loss, gradients and metrics are TRL's, from logits of the labelled window only."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from algos.models import load_causal_lm, load_tokenizer
+    from algos.sft_trainer import LabelWindowSFTTrainer
+    import datasets
+
+    tokenizer = load_tokenizer(tiny_model_path, padding_side="right")
+    rows = [{"prompt": "Q: " + "long prompt " * n, "completion": " answer" * (3 + 2 * n)} for n in (1, 4, 2)]
+    results = []
+    for trainer_class in (SFTTrainer, LabelWindowSFTTrainer):
+        model = load_causal_lm(tiny_model_path, dtype=torch.float32).train()
+        args = SFTConfig(output_dir=str(tmp_path / trainer_class.__name__), per_device_train_batch_size=3,
+                         use_cpu=True, bf16=False, completion_only_loss=True, gradient_checkpointing=False,
+                         report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+        trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        kept = []  # how many positions our trainer asks logits for
+        if trainer_class is LabelWindowSFTTrainer:
+            model.register_forward_hook(lambda module, args, out: kept.append(out.logits.shape[1]))
+        for num_items in (None, 40):  # the batch's own label count; a count over accumulated micro-batches
+            model.zero_grad()
+            loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+            loss.backward()
+            results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append(metrics)
+    trl_none, trl_40, trl_metrics, ours_none, ours_40, ours_metrics = results
+    for trl, ours in ((trl_none, ours_none), (trl_40, ours_40)):
+        assert ours[0] == pytest.approx(trl[0], rel=1e-5)
+        for g_trl, g_ours in zip(trl[1], ours[1]):
+            torch.testing.assert_close(g_ours, g_trl, rtol=1e-4, atol=1e-6)
+    labels = batch["labels"]
+    assert ours_none[0] * (labels != -100).sum().item() == pytest.approx(ours_40[0] * 40, rel=1e-5)
+    assert set(ours_metrics) == {"entropy", "mean_token_accuracy", "num_tokens"}
+    assert ours_metrics == pytest.approx(trl_metrics, rel=1e-5)
+    first_label = int((labels != -100).any(0).nonzero()[0])
+    assert kept == [labels.shape[1] - first_label + 1] * 2 and first_label > 1  # no logits for leading prompt positions
+
+
 def test_sft_entry_point_refuses_bad_input_with_one_line(capsys, tmp_path):
     from train.sft import main
 

@@ -1,0 +1,54 @@
+"""TRL's ``SFTTrainer`` with a loss that projects only labelled positions onto the vocabulary (CPU).
+
+TRL computes the SFT loss through a chunked, fused LM head (``trl/kernels/chunked_logprob.py``) that
+never builds the full logits: on CUDA it runs Triton kernels on the labelled positions only. Elsewhere it
+falls back to per-tile torch ops over *every* position, prompt and padding included, and recomputes the
+projection in the backward pass; on a 2-core CPU that was 44% of a step of the thinking-model build.
+
+:class:`LabelWindowSFTTrainer` keeps TRL's loss, ``L = −Σ_t log p(y_t) / N`` over the completion tokens
+(``N`` the labelled tokens, or ``num_items_in_batch`` under gradient accumulation), but asks the model
+for logits only over the window from the batch's first label to its end (``logits_to_keep``) and uses
+torch's own log-softmax. It logs the same ``entropy`` and ``mean_token_accuracy`` as TRL. The window's
+logits are held for the backward pass, so it suits small vocabularies × short windows (a CPU run);
+:func:`algos.sft.run_sft` uses it only when training on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+
+class LabelWindowSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose loss needs logits only from the first labelled position on."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        labelled = (labels != -100).any(dim=0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.size(1) - 1  # the first position with a label
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "completion_mask")}
+        # Position t predicts token t + 1: keep the logits of positions first - 1 … end, drop the last one.
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=labels.size(1) - first + 1)
+        logits, targets = outputs.logits[:, :-1].float(), labels[:, first:]
+        mask = targets != -100
+        log_probs = logits.log_softmax(dim=-1)
+        token_log_probs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -(token_log_probs * mask).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients across ranks
+        self._log_token_metrics(log_probs.detach(), targets, mask, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, log_probs, targets, mask, inputs) -> None:
+        """TRL's metrics: mean entropy and top-1 accuracy over labelled tokens, tokens seen so far."""
+        mode = "train" if self.model.training else "eval"
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        correct = (log_probs.argmax(-1) == targets) & mask
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(mask.sum()).sum()
+        if num_valid > 0:
+            self._metrics[mode]["entropy"].append((gather((entropy * mask).sum()).sum() / num_valid).item())
+            self._metrics[mode]["mean_token_accuracy"].append((gather(correct.sum()).sum() / num_valid).item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
