@@ -74,7 +74,8 @@ class RLConfig:
                                "other datasets: the last N records, kept out of training).")
     eval_steps: int = _f(0, "Evaluate greedy accuracy every N steps (0: only at the end).")
     eval_on_start: bool = _f(True, "Evaluate once before training.")
-    eval_batch_size: int = _f(64, "Prompts per evaluation generate call.")
+    eval_batch_size: int = _f(128, "Prompts per evaluation generate call (the default held-out set in one "
+                              "call; with vLLM it also sizes the engine's concurrent sequences).")
     # --- rewards -------------------------------------------------------------------------------
     reward: str = _f("accuracy", "Comma-separated rewards: registered names (accuracy, format, overlong, "
                      "repro), module:function or file.py:function with TRL's, verl's or OpenRLHF's "

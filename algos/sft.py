@@ -150,8 +150,11 @@ def run_sft(config: SFTJobConfig) -> Path:
             train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
             save_strategy="no", logging_steps=5, report_to=config.report_to, disable_tqdm=not config.progress,
             dataloader_num_workers=0)
-        # On the CPU, TRL's fused LM head scores every position with per-tile torch ops: see algos/sft_trainer.py
-        trainer_class = SFTTrainer if torch.cuda.is_available() else LabelWindowSFTTrainer
+        # In fp32 on a CPU, TRL's fused LM head scores every position with per-tile torch ops and cost 44% of
+        # a build step (algos/sft_trainer.py). bf16 builds keep TRL's head: the thinking default's reference
+        # build, which every figure measured on AVX-512 CPUs used, came from it (bytes stay reproducible).
+        on_cpu_fp32 = not torch.cuda.is_available() and not bf16
+        trainer_class = LabelWindowSFTTrainer if on_cpu_fp32 else SFTTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
         model = trainer.model

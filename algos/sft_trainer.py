@@ -10,7 +10,9 @@ projection in the backward pass; on a 2-core CPU that was 44% of a step of the t
 for logits only over the window from the batch's first label to its end (``logits_to_keep``) and uses
 torch's own log-softmax. It logs the same ``entropy`` and ``mean_token_accuracy`` as TRL. The window's
 logits are held for the backward pass, so it suits small vocabularies × short windows (a CPU run);
-:func:`algos.sft.run_sft` uses it only when training on the CPU.
+:func:`algos.sft.run_sft` uses it for fp32 training on a CPU (bf16 builds keep TRL's head, whose bytes the
+reference build of the thinking default has). On an AVX2 CPU it took the thinking build from 9 min 19 s to
+6 min 59 s (2 cores; the weights agree with TRL's to 2e-5 in relative norm).
 """
 from __future__ import annotations
 

@@ -794,14 +794,17 @@ class RLTrainer:
 
     # The loop ---------------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        start = time.perf_counter()
         with self.gathered_for_generation():
             result = evaluate_accuracy(self.policy, self.eval_engine, self.eval_records, self.prompt_text,
                                        self.accelerator, batch_size=self.config.eval_batch_size)
-        return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"]}
+        return {"eval/accuracy": result["accuracy"], "eval/completion_length": result["mean_length"],
+                "time/eval_seconds": time.perf_counter() - start}
 
     def eval_line(self, result: dict) -> str:
         return (f"{result['eval/accuracy']:.3f} on {len(self.eval_records)} problems "
-                f"(greedy, mean completion {result['eval/completion_length']:.0f} tokens)")
+                f"(greedy, mean completion {result['eval/completion_length']:.0f} tokens, "
+                f"{result['time/eval_seconds']:.0f} s)")
 
     def weight_checksums(self) -> list[float]:
         """Sum of all weights on each process: equal values mean the replicas did not diverge."""
