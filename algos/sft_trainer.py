@@ -52,5 +52,7 @@ class LabelWindowSFTTrainer(SFTTrainer):
             self._metrics[mode]["entropy"].append((gather((entropy * mask).sum()).sum() / num_valid).item())
             self._metrics[mode]["mean_token_accuracy"].append((gather(correct.sum()).sum() / num_valid).item())
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].new_tensor(
+                inputs["input_ids"].numel())  # padding-free batches carry no mask
+            self._total_train_tokens += gather(seen).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
