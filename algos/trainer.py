@@ -41,6 +41,7 @@ from algos.losses import aggregate, aggregation_denominator, policy_loss, value_
 from algos.micro_batching import token_budget_batches
 from algos.models import load_causal_lm, load_model_config, load_tokenizer, output_head, resolve_model_path
 from algos.rollout import HFGenerateEngine, SamplingParams
+from algos.shared_prompt import distinct_prompts, shared_prompt_forward
 from algos.tracking import RunTracker
 from algos.value_model import ActorCritic
 
@@ -424,6 +425,8 @@ class RLTrainer:
         if actor_critic:
             out, values = model(input_ids, mask, positions, keep, logits_to_keep=keep_arg)
             values = values[:, :-1]
+        elif self._share_prompts(head, prompt_ids, prompt_mask):
+            out = shared_prompt_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)
         else:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                         logits_to_keep=keep_arg, use_cache=False, output_hidden_states=head is not None)
@@ -438,6 +441,14 @@ class RLTrainer:
             values = torch.nn.functional.pad(values, (0, cut)) if values is not None else None
             entropy = torch.nn.functional.pad(entropy, (0, cut)) if entropy is not None else None
         return logp, values, entropy
+
+    def _share_prompts(self, head, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
+        """Whether ``forward`` runs each distinct prompt once (``algos.shared_prompt``): asked for, rows
+        repeat a prompt, the output layer runs outside the model (hidden states), and the model keeps
+        a KV cache in training (activation checkpointing turns it off)."""
+        c = self.config
+        return (c.shared_prompt_forward and head is not None and not c.gradient_checkpointing
+                and len(distinct_prompts(prompt_ids, prompt_mask)[0]) < len(prompt_ids))
 
     @torch.no_grad()
     def _batched_forward(self, model, batch: RolloutBatch, with_entropy: bool = False):

@@ -1,0 +1,91 @@
+"""Shared-prompt forward (Prefix Grouper): each distinct prompt runs once, its completions on its KV
+cache; log-probs, gradients and a whole training step equal the row-by-row pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algos.logprobs import logprobs_from_hidden
+from algos.models import load_causal_lm, output_head
+from algos.shared_prompt import distinct_prompts, shared_prompt_forward
+from conftest import make_tiny_model
+from test_trainer import make_config, weights
+
+
+def test_distinct_prompts_in_order_of_first_appearance():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1]])
+    first, inverse = distinct_prompts(ids, mask)
+    assert first.tolist() == [0, 1, 4]
+    assert inverse.tolist() == [0, 1, 0, 1, 2]
+    # the same ids under another mask are another prompt (a pad id that is also a real token)
+    first, inverse = distinct_prompts(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 1], [1, 1]]))
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def prefix_model(tmp_path_factory):
+    """Large initial weights: outputs depend on the whole prefix, so a wrong cache or position shows."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("prefix-llama"), seed=1, initializer_range=0.3))
+
+
+def _batch():
+    """Two prompts (left-padded, lengths 5 and 3), three completions each (right-padded)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.tensor([[11, 12, 13, 14, 15], [0, 0, 21, 22, 23]])
+    prompt_masks = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    rows = [0, 1, 0, 1, 1, 0]
+    response = torch.randint(30, 200, (6, 4), generator=g)
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    return prompts[rows], prompt_masks[rows], response * response_mask, response_mask
+
+
+def _logprobs_and_grads(model, shared: bool):
+    prompt, prompt_mask, response, response_mask = _batch()
+    model.zero_grad()
+    head = output_head(model)
+    if shared:
+        hidden = shared_prompt_forward(model, prompt, prompt_mask, response, response_mask).hidden_states[-1]
+    else:
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        out = model(input_ids=torch.cat([prompt, response], dim=1), attention_mask=mask,
+                    position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=False,
+                    logits_to_keep=torch.empty(0, dtype=torch.long), output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -(response.shape[1] + 1):]
+    logp = logprobs_from_hidden(hidden[:, :-1], head, response, temperature=0.7) * response_mask
+    (logp.sum() / response_mask.sum()).backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prompt_forward_equals_the_row_by_row_pass(prefix_model):
+    model = load_causal_lm(prefix_model, dtype=torch.float32)
+    model.train()
+    logp, grads = _logprobs_and_grads(model, shared=False)
+    shared_logp, shared_grads = _logprobs_and_grads(model, shared=True)
+    assert logp.abs().sum() > 0
+    torch.testing.assert_close(shared_logp, logp, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_a_training_step_is_the_same_with_and_without_shared_prompts(prefix_model, tmp_path, monkeypatch):
+    """GRPO, 2 prompts x 4 completions in micro-batches of 4 rows sorted by length: the same update."""
+    import algos.trainer
+    from algos.trainer import RLTrainer
+
+    calls = []
+    monkeypatch.setattr(algos.trainer, "shared_prompt_forward",
+                        lambda *a: calls.append(len(a[1])) or shared_prompt_forward(*a))
+    runs = {}
+    for shared in (True, False):
+        out = tmp_path / str(shared)
+        calls.clear()
+        RLTrainer(make_config(prefix_model, out, max_steps=1, per_device_train_batch_size=4,
+                              gradient_accumulation_steps=2, shared_prompt_forward=shared)).train()
+        runs[shared] = weights(out / "final")
+        assert bool(calls) == shared  # the update's micro-batches took the shared path
+    base = weights(prefix_model)
+    assert any(not torch.equal(runs[True][k], base[k]) for k in base)
+    for k in base:
+        torch.testing.assert_close(runs[True][k], runs[False][k], atol=2e-6, rtol=1e-5)
