@@ -38,7 +38,7 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tup
 
 
 def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          response_ids: torch.Tensor, response_mask: torch.Tensor):
+                          response_ids: torch.Tensor, response_mask: torch.Tensor, prompts=None):
     """The causal LM's last hidden states over prompt + response, as an output with
     ``hidden_states[-1]`` of shape (B, R + 1, H): position 0 is each row's last prompt token, then
     the response's positions (position t predicts response token t, as ``response_logprobs``
@@ -46,8 +46,8 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
 
     Two passes: the distinct prompts (U rows) with ``use_cache``; then the responses, each row on
     its prompt's cache (``DynamicCache.batch_select_indices``, differentiable indexing), at
-    positions that continue its prompt's."""
-    first, inverse = distinct_prompts(prompt_ids, prompt_mask)
+    positions that continue its prompt's. ``prompts``: ``distinct_prompts``' result, if the caller has it."""
+    first, inverse = prompts if prompts is not None else distinct_prompts(prompt_ids, prompt_mask)
     u_mask = prompt_mask[first]
     u_positions = (u_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     empty = torch.empty(0, dtype=torch.long, device=prompt_ids.device)  # no logits: hidden states only

@@ -425,8 +425,8 @@ class RLTrainer:
         if actor_critic:
             out, values = model(input_ids, mask, positions, keep, logits_to_keep=keep_arg)
             values = values[:, :-1]
-        elif self._share_prompts(head, prompt_ids, prompt_mask):
-            out = shared_prompt_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)
+        elif prompts := self._shared_prompts(head, prompt_ids, prompt_mask):
+            out = shared_prompt_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, prompts)
         else:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                         logits_to_keep=keep_arg, use_cache=False, output_hidden_states=head is not None)
@@ -442,13 +442,16 @@ class RLTrainer:
             entropy = torch.nn.functional.pad(entropy, (0, cut)) if entropy is not None else None
         return logp, values, entropy
 
-    def _share_prompts(self, head, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-        """Whether ``forward`` runs each distinct prompt once (``algos.shared_prompt``): asked for, rows
-        repeat a prompt, the output layer runs outside the model (hidden states), and the model keeps
-        a KV cache in training (activation checkpointing turns it off)."""
+    def _shared_prompts(self, head, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """``distinct_prompts`` of the rows when ``forward`` runs each distinct prompt once
+        (``algos.shared_prompt``), else None: asked for, the output layer runs outside the model
+        (hidden states), the model keeps a KV cache in training (activation checkpointing turns it
+        off), and rows repeat a prompt."""
         c = self.config
-        return (c.shared_prompt_forward and head is not None and not c.gradient_checkpointing
-                and len(distinct_prompts(prompt_ids, prompt_mask)[0]) < len(prompt_ids))
+        if not c.shared_prompt_forward or head is None or c.gradient_checkpointing:
+            return None
+        prompts = distinct_prompts(prompt_ids, prompt_mask)
+        return prompts if len(prompts[0]) < len(prompt_ids) else None
 
     @torch.no_grad()
     def _batched_forward(self, model, batch: RolloutBatch, with_entropy: bool = False):

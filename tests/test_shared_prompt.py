@@ -76,7 +76,7 @@ def test_a_training_step_is_the_same_with_and_without_shared_prompts(prefix_mode
 
     calls = []
     monkeypatch.setattr(algos.trainer, "shared_prompt_forward",
-                        lambda *a: calls.append(len(a[1])) or shared_prompt_forward(*a))
+                        lambda *a, **k: calls.append(len(a[1])) or shared_prompt_forward(*a, **k))
     runs = {}
     for shared in (True, False):
         out = tmp_path / str(shared)
