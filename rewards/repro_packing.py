@@ -18,6 +18,11 @@ hidden state of the last prefix token, which the causal main sequence already ho
 therefore needs only the first A - 1 answer tokens. Only the hidden states that predict answer
 tokens go through the LM head (no (L, V) logits).
 
+A GRPO batch holds several rollouts of each prompt: where a micro-batch repeats a prompt, each
+distinct prompt runs once with a KV cache and every row's tail (response prefix and answer
+copies) runs on its prompt's cache under the same block mask (``share_prompts``), the same J with
+fewer tokens.
+
 How the mask reaches the model (transformers 5.x): ``create_causal_mask`` in
 ``transformers/masking_utils.py`` returns any 4D ``attention_mask`` unchanged, and the attention
 functions use it as is. ``sdpa`` takes a boolean mask (True = attend); ``eager`` *adds* the mask to
@@ -236,6 +241,50 @@ def _token_logprobs(logits_fn, n_rows: int, targets: torch.Tensor, chunk: int) -
     return out
 
 
+def _hidden_with_shared_prompts(decoder: nn.Module, pb: PackedBatch, requests: Sequence[ScoringRequest],
+                                impl: str | None, dtype: torch.dtype, device, pad_id: int) -> torch.Tensor:
+    """The decoder's last hidden states in ``pb``'s packed layout (B, L, H), with each distinct prompt
+    run once (a GRPO group's rollouts share one): the prompts, left-padded, with a KV cache; then
+    each row's tail (response prefix and answer copies) on its prompt's cache, under ``pb``'s block
+    mask with every real prompt token visible. Only positions from each prompt's last token on are
+    filled (the only ones whose hidden states predict answer tokens); the prompt's others are zero."""
+    keys = [tuple(r.prompt_ids) for r in requests]
+    distinct = list(dict.fromkeys(keys))
+    inverse = torch.tensor([distinct.index(k) for k in keys], device=device)
+    P = [len(k) for k in keys]
+    P_max = max(P)
+    prompt_ids = torch.full((len(distinct), P_max), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(distinct), P_max), dtype=torch.long)
+    for u, k in enumerate(distinct):
+        prompt_ids[u, P_max - len(k):] = torch.tensor(k, dtype=torch.long)
+        prompt_mask[u, P_max - len(k):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                  position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
+    prompt_last = out.last_hidden_state[:, -1]  # left padding: every prompt's last token
+    cache = out.past_key_values
+    cache.batch_select_indices(inverse)
+    tails = [packed_length(r) - p for r, p in zip(requests, P)]
+    B, T = len(requests), max(tails)
+    tail_ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    tail_positions = torch.zeros((B, T), dtype=torch.long, device=device)
+    allowed = torch.zeros((B, 1, T, P_max + T), dtype=torch.bool, device=device)
+    allowed[:, 0, :, :P_max] = prompt_mask[inverse][:, None, :].bool()
+    packed_allowed = pb.allowed(device)
+    for b, (p, n) in enumerate(zip(P, tails)):
+        tail_ids[b, :n] = pb.input_ids[b, p:p + n].to(device)
+        tail_positions[b, :n] = pb.position_ids[b, p:p + n].to(device)
+        allowed[b, 0, :n, P_max:P_max + n] = packed_allowed[b, 0, p:p + n, p:p + n]
+        allowed[b, 0, n:, P_max + n:] = True  # padding queries: any keys (their outputs are unused)
+    tail = decoder(input_ids=tail_ids, attention_mask=_mask_for(allowed, impl, dtype), position_ids=tail_positions,
+                   past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = tail.new_zeros((B, pb.input_ids.shape[1], tail.shape[-1]))
+    for b, (p, n) in enumerate(zip(P, tails)):
+        hidden[b, p - 1] = prompt_last[inverse[b]]
+        hidden[b, p:p + n] = tail[b, :n]
+    return hidden
+
+
 @torch.no_grad()
 def answer_logprob_packed(
     model: nn.Module,
@@ -244,12 +293,15 @@ def answer_logprob_packed(
     logits_chunk: int = 4096,
     use_hidden_states: bool | None = None,
     pad_id: int = 0,
+    share_prompts: bool = True,
 ) -> list[torch.Tensor]:
     """J at every point of every request, one packed forward per micro-batch of rollouts.
 
     Requests are sorted by packed length and cut into micro-batches of ``micro_batch_size``
     (bounds the (B, L, L) mask and activations). ``use_hidden_states`` None picks the
     decoder + LM-head-on-selected-rows path when the model allows it, else the full logits.
+    With ``share_prompts`` (hidden-state path), a micro-batch whose rollouts repeat a prompt runs
+    each distinct prompt once and the rest on its KV cache (``_hidden_with_shared_prompts``).
     Returns one float32 CPU tensor per request, J in point order. The caller sets eval mode.
     """
     if micro_batch_size < 1:
@@ -274,9 +326,13 @@ def answer_logprob_packed(
             rows, targets = pb.rows.to(device), pb.targets.to(device)
             if parts is not None:
                 decoder, head, softcap = parts
-                hidden = decoder(
-                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-                ).last_hidden_state
+                batch = [requests[i] for i in idx]
+                if share_prompts and len({tuple(r.prompt_ids) for r in batch}) < len(batch):
+                    hidden = _hidden_with_shared_prompts(decoder, pb, batch, impl, dtype, device, pad_id)
+                else:
+                    hidden = decoder(
+                        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+                    ).last_hidden_state
                 picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
                 def logits_fn(sl, picked=picked, head=head, softcap=softcap):

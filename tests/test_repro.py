@@ -320,6 +320,42 @@ def test_packed_matches_separate_passes(attn, micro_batch_size):
     assert spread > 1e-2  # J depends on the prefix, so a wrong mask or position would show
 
 
+def _group_requests(vocab: int, seed: int = 2):
+    """Two prompts (5 and 3 tokens), three rollouts each: what a GRPO batch holds."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, vocab, (5,), generator=g), torch.randint(2, vocab, (3,), generator=g)]
+    specs = [(0, 20, [0, 3, 7, 20], 4), (1, 13, [0, 13], 1), (0, 9, [0, 1, 2, 9], 4),
+             (1, 30, [0, 15, 29, 30], 3), (0, 4, [0, 4], 4), (1, 2, [0, 1, 2], 3)]
+    return [ScoringRequest(prompts[i], torch.randint(2, vocab, (T + 2,), generator=g), pts,
+                           torch.randint(2, vocab, (A,), generator=g)) for i, T, pts, A in specs]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("micro_batch_size", [3, 6])  # 3 of 2 prompts: one repeats
+def test_shared_prompt_scoring_matches_separate_passes(attn, micro_batch_size):
+    """Rollouts of one prompt: each distinct prompt runs once (fewer rows in the first pass), and J
+    is still what a separate pass per point gives, baseline point 0 (predicted by the prompt's last
+    token) included."""
+    model = _tiny_llama(61, attn)
+    requests = _group_requests(61)
+    rows = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+    try:
+        shared = answer_logprob_packed(model, requests, micro_batch_size=micro_batch_size)
+    finally:
+        hook.remove()
+    assert min(rows) < micro_batch_size  # a prompt pass over the distinct prompts only
+    plain = answer_logprob_packed(model, requests, micro_batch_size=micro_batch_size, share_prompts=False)
+    spread = 0.0
+    for req, J, J_plain in zip(requests, shared, plain):
+        ref = answer_logprob_separate(model, req.prompt_ids, req.response_ids, req.points, req.answer_ids)
+        torch.testing.assert_close(J, ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(J, J_plain, atol=1e-5, rtol=0)
+        spread = max(spread, float(ref.max() - ref.min()))
+    assert spread > 1e-2
+
+
 def test_packed_full_logits_path_agrees_and_hidden_path_projects_only_needed_rows():
     model = _tiny_llama(61, "sdpa")
     requests = _random_requests(61)
