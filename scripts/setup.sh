@@ -23,7 +23,6 @@ stamp=.venv/.repro-rl-setup
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi
-"$VPY" -m pip install --quiet --upgrade pip
 uv_flags=()
 if "$VPY" -m pip install --quiet uv 2>/dev/null && [ -x .venv/bin/uv ]; then
   # pip's settings (its config files and PIP_* variables, as `pip config list` shows them) as uv flags
@@ -54,6 +53,8 @@ PY
   done <<< "$pip_settings"
   [ -n "$index_url" ] && uv_flags+=(--index-url "$index_url")
   uv_flags+=(--index-strategy unsafe-best-match)  # pip's rule: the best version across all indexes
+else
+  "$VPY" -m pip install --quiet --upgrade pip  # pip installs everything: a current one
 fi
 install() {  # pip install "$@", with uv where it is there
   if [ -x .venv/bin/uv ] && [ ${#uv_flags[@]} -gt 0 ]; then
