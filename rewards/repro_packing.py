@@ -319,15 +319,17 @@ def answer_logprob_packed(
     with _mask_capable_attention(hf) as impl:
         for s in range(0, len(order), micro_batch_size):
             idx = order[s : s + micro_batch_size]
-            pb = build_packed_batch([requests[i] for i in idx], pad_id=pad_id)
-            input_ids = pb.input_ids.to(device)
-            position_ids = pb.position_ids.to(device)
-            mask = _mask_for(pb.allowed(device), impl, dtype)
+            batch = [requests[i] for i in idx]
+            pb = build_packed_batch(batch, pad_id=pad_id)
             rows, targets = pb.rows.to(device), pb.targets.to(device)
+            shared = parts is not None and share_prompts and len({tuple(r.prompt_ids) for r in batch}) < len(batch)
+            if not shared:  # the whole packed rows, under the (B, 1, L, L) mask
+                input_ids = pb.input_ids.to(device)
+                position_ids = pb.position_ids.to(device)
+                mask = _mask_for(pb.allowed(device), impl, dtype)
             if parts is not None:
                 decoder, head, softcap = parts
-                batch = [requests[i] for i in idx]
-                if share_prompts and len({tuple(r.prompt_ids) for r in batch}) < len(batch):
+                if shared:
                     hidden = _hidden_with_shared_prompts(decoder, pb, batch, impl, dtype, device, pad_id)
                 else:
                     hidden = decoder(
