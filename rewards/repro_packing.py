@@ -38,6 +38,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from algos.shared_prompt import distinct_prompts
+
 __all__ = [
     "ScoringRequest",
     "PackedBatch",
@@ -241,29 +243,36 @@ def _token_logprobs(logits_fn, n_rows: int, targets: torch.Tensor, chunk: int) -
     return out
 
 
+def _left_padded_prompts(requests: Sequence[ScoringRequest], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The requests' prompts as left-padded (B, P_max) ids and mask."""
+    P_max = max(len(r.prompt_ids) for r in requests)
+    ids = torch.full((len(requests), P_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), P_max), dtype=torch.long)
+    for b, r in enumerate(requests):
+        n = len(r.prompt_ids)
+        ids[b, P_max - n:] = torch.as_tensor(r.prompt_ids, dtype=torch.long)
+        mask[b, P_max - n:] = 1
+    return ids, mask
+
+
 def _hidden_with_shared_prompts(decoder: nn.Module, pb: PackedBatch, requests: Sequence[ScoringRequest],
+                                prompts: tuple[torch.Tensor, torch.Tensor], distinct: tuple[torch.Tensor, torch.Tensor],
                                 impl: str | None, dtype: torch.dtype, device, pad_id: int) -> torch.Tensor:
     """The decoder's last hidden states in ``pb``'s packed layout (B, L, H), with each distinct prompt
-    run once (a GRPO group's rollouts share one): the prompts, left-padded, with a KV cache; then
-    each row's tail (response prefix and answer copies) on its prompt's cache, under ``pb``'s block
-    mask with every real prompt token visible. Only positions from each prompt's last token on are
-    filled (the only ones whose hidden states predict answer tokens); the prompt's others are zero."""
-    keys = [tuple(r.prompt_ids) for r in requests]
-    distinct = list(dict.fromkeys(keys))
-    inverse = torch.tensor([distinct.index(k) for k in keys], device=device)
-    P = [len(k) for k in keys]
-    P_max = max(P)
-    prompt_ids = torch.full((len(distinct), P_max), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(distinct), P_max), dtype=torch.long)
-    for u, k in enumerate(distinct):
-        prompt_ids[u, P_max - len(k):] = torch.tensor(k, dtype=torch.long)
-        prompt_mask[u, P_max - len(k):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    run once (a GRPO group's rollouts share one): the prompts (``prompts``, left-padded; ``distinct``
+    from :func:`algos.shared_prompt.distinct_prompts`) with a KV cache; then each row's tail (response
+    prefix and answer copies) on its prompt's cache, under ``pb``'s block mask with every real prompt
+    token visible. Only positions from each prompt's last token on are filled (the only ones whose
+    hidden states predict answer tokens); the prompt's others are zero."""
+    first_rows, inverse = (t.to(device) for t in distinct)
+    prompt_ids, prompt_mask = (t.to(device).index_select(0, first_rows) for t in prompts)
+    P_max = prompt_ids.shape[1]
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
                   position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
     prompt_last = out.last_hidden_state[:, -1]  # left padding: every prompt's last token
     cache = out.past_key_values
     cache.batch_select_indices(inverse)
+    P = [len(r.prompt_ids) for r in requests]
     tails = [packed_length(r) - p for r, p in zip(requests, P)]
     B, T = len(requests), max(tails)
     tail_ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -322,7 +331,11 @@ def answer_logprob_packed(
             batch = [requests[i] for i in idx]
             pb = build_packed_batch(batch, pad_id=pad_id)
             rows, targets = pb.rows.to(device), pb.targets.to(device)
-            shared = parts is not None and share_prompts and len({tuple(r.prompt_ids) for r in batch}) < len(batch)
+            shared = False
+            if parts is not None and share_prompts:
+                prompts = _left_padded_prompts(batch, pad_id)
+                distinct = distinct_prompts(*prompts)
+                shared = len(distinct[0]) < len(batch)  # some prompt repeats
             if not shared:  # the whole packed rows, under the (B, 1, L, L) mask
                 input_ids = pb.input_ids.to(device)
                 position_ids = pb.position_ids.to(device)
@@ -330,7 +343,8 @@ def answer_logprob_packed(
             if parts is not None:
                 decoder, head, softcap = parts
                 if shared:
-                    hidden = _hidden_with_shared_prompts(decoder, pb, batch, impl, dtype, device, pad_id)
+                    hidden = _hidden_with_shared_prompts(decoder, pb, batch, prompts, distinct, impl, dtype, device,
+                                                        pad_id)
                 else:
                     hidden = decoder(
                         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
