@@ -56,6 +56,17 @@ class RolloutBatch:
         return RolloutBatch(**picked)
 
 
+def left_pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows (lists or 1-D tensors) as left-padded (B, max length) ids and attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
 def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     """One batch from several (dynamic sampling's generation rounds): prompts left-padded and
     responses right-padded to the widest, group ids offset so groups of different batches stay apart."""

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from algos.batch import left_pad
 from algos.shared_prompt import distinct_prompts
 
 __all__ = [
@@ -243,18 +244,6 @@ def _token_logprobs(logits_fn, n_rows: int, targets: torch.Tensor, chunk: int) -
     return out
 
 
-def _left_padded_prompts(requests: Sequence[ScoringRequest], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The requests' prompts as left-padded (B, P_max) ids and mask."""
-    P_max = max(len(r.prompt_ids) for r in requests)
-    ids = torch.full((len(requests), P_max), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(requests), P_max), dtype=torch.long)
-    for b, r in enumerate(requests):
-        n = len(r.prompt_ids)
-        ids[b, P_max - n:] = torch.as_tensor(r.prompt_ids, dtype=torch.long)
-        mask[b, P_max - n:] = 1
-    return ids, mask
-
-
 def _hidden_with_shared_prompts(decoder: nn.Module, pb: PackedBatch, requests: Sequence[ScoringRequest],
                                 prompts: tuple[torch.Tensor, torch.Tensor], distinct: tuple[torch.Tensor, torch.Tensor],
                                 impl: str | None, dtype: torch.dtype, device, pad_id: int) -> torch.Tensor:
@@ -333,7 +322,7 @@ def answer_logprob_packed(
             rows, targets = pb.rows.to(device), pb.targets.to(device)
             shared = False
             if parts is not None and share_prompts:
-                prompts = _left_padded_prompts(batch, pad_id)
+                prompts = left_pad([r.prompt_ids for r in batch], pad_id)
                 distinct = distinct_prompts(*prompts)
                 shared = len(distinct[0]) < len(batch)  # some prompt repeats
             if not shared:  # the whole packed rows, under the (B, 1, L, L) mask

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from algos.batch import left_pad
 from rewards.verify import is_correct
 from routers.paths import default_path
 from routers.routed_model import RoutedModel
@@ -41,13 +42,7 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], device=None) -> tuple[
     """(input_ids, attention_mask) of ``prompts`` tokenised one by one (no special tokens added,
     as :class:`GenerationEvaluator` does) and left-padded with the tokenizer's pad id."""
     rows = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
+    ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return ids.to(device), mask.to(device)
 
 
