@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from algos.batch import RolloutBatch, concat_batches
+from algos.batch import RolloutBatch, concat_batches, left_pad
 from algos.dynamic_sampling import first_groups, informative_groups
 from algos.trainer import RLTrainer
 from tests.test_trainer import REWARDS, make_config, read_metrics
@@ -48,6 +48,13 @@ def _dynamic(model, out, **kw):
     # a small learning rate keeps the random model's completions varied (informative odd rows)
     return make_config(model, out, reward=f"{REWARDS}:constant_for_even_rows", dynamic_sampling=True,
                        dynamic_sampling_max_rounds=6, learning_rate=1e-5, **kw)
+
+
+def test_left_pad_hand_computed():
+    ids, mask = left_pad([[5, 6, 7], torch.tensor([8]), []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
 
 
 def test_dynamic_sampling_keeps_informative_groups_and_resumes_exactly(tiny_model_path, tmp_path):
