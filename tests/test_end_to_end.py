@@ -100,6 +100,20 @@ def test_two_process_data_parallel_run(tiny_model_path, tmp_path):
     for step in range(3):  # every step, the two processes trained on different prompts
         assert not set(seen[0][step]) & set(seen[1][step])
     assert len(seen[0][0]) == 2  # 8 completions / 4 per prompt
+    assert not any(p.name.startswith("model") for p in (out / "final" / "trainer_state").iterdir())
+
+    # both processes resume from the HF-format weights (checked against the saved checksum) and stay equal
+    result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py",
+                  *PLAIN_FLAGS, "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
+                  "--max_steps", "4", "--num_generations", "4", "--per_device_train_batch_size", "8",
+                  "--max_completion_length", "8", "--num_eval_samples", "8", "--report_to", "none",
+                  "--learning_rate", "1e-3", "--output_dir", str(out), "--resume_from_checkpoint", str(out / "final")],
+                 env={"REPRO_TEST_RECORD_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["rank_weight_checksums"][0] == state["rank_weight_checksums"][1]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -1,5 +1,6 @@
 """The trainer on a tiny random Llama: every algorithm runs, gradient accumulation is exact,
-resume reproduces an uninterrupted run, checkpoints rotate and survive partial saves."""
+resume reproduces an uninterrupted run (from either checkpoint layout, with and without LoRA),
+checkpoints store the weights once, rotate and survive partial saves."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from algos.checkpoint import list_checkpoints, resolve_resume
+from algos.checkpoint import CheckpointError, list_checkpoints, resolve_resume
 from algos.config import RLConfig
 from algos.trainer import PromptSampler, RLTrainer, use_cpu_threads
 from plain_settings import PLAIN
@@ -95,6 +96,53 @@ def test_resume_reproduces_uninterrupted_run(tiny_model_path, tmp_path):
     a, b = weights(full / "final"), weights(resumed / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+    # the weights are stored once, in the HF-format files; Accelerate's state holds the optimizer
+    state_files = {p.name for p in (full / "checkpoint-2" / "trainer_state").iterdir()}
+    assert "optimizer.bin" in state_files and not any(n.startswith("model") for n in state_files)
+    assert json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())["policy_weights"] == "hf"
+
+    # a checkpoint of the earlier layout (the weights inside trainer_state, no marker) resumes the same way
+    old = tmp_path / "old"
+    shutil.copytree(full / "checkpoint-2", old / "checkpoint-2")
+    shutil.copy(full / "checkpoint-2" / "model.safetensors", old / "checkpoint-2" / "trainer_state")
+    state = json.loads((old / "checkpoint-2" / "trainer_state.json").read_text())
+    del state["policy_weights"]
+    (old / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+    RLTrainer(make_config(tiny_model_path, old, max_steps=4, save_steps=2, steps_per_generation=2,
+                          per_device_train_batch_size=4, resume_from_checkpoint="latest")).train()
+    c = weights(old / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k])
+
+
+def test_lora_checkpoint_holds_the_adapter_once_resumes_exactly_and_checks_its_base(tiny_model_path, tmp_path):
+    lora = dict(use_peft=True, lora_r=4, lora_target_modules="q_proj,v_proj", max_steps=4, save_steps=2)
+    full = tmp_path / "full"
+    RLTrainer(make_config(tiny_model_path, full, **lora)).train()
+    checkpoint = full / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    assert not any(p.name.startswith("model") for p in (checkpoint / "trainer_state").iterdir())
+    resumed = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")
+    RLTrainer(make_config(tiny_model_path, resumed, resume_from_checkpoint="latest", **lora)).train()
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+    # the frozen base comes from --model_name_or_path: another base is refused, with what to pass
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    other = tmp_path / "other-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(other)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(checkpoint, elsewhere / "checkpoint-2")
+    with pytest.raises(CheckpointError, match="--model_name_or_path"):
+        RLTrainer(make_config(str(other), elsewhere, resume_from_checkpoint="latest", **lora)).train()
 
 
 def test_fresh_run_in_an_old_output_dir_starts_new_logs(tiny_model_path, tmp_path):
@@ -114,6 +162,16 @@ def test_checkpoints_rotate_and_partial_saves_are_ignored(tiny_model_path, tmp_p
     assert resolve_resume(tmp_path, "latest").name == "checkpoint-3"
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["prompts_consumed"] == 3 * 2
+
+
+def test_a_path_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    from train.cli import main_guard
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(lambda: resolve_resume(tmp_path, str(tmp_path / "checkpoint-7")))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--resume_from_checkpoint=" in err and "not a complete checkpoint" in err
 
 
 def test_lora_reference_is_the_base_model(tiny_model_path, tmp_path):

@@ -116,13 +116,14 @@ def default_field_values() -> dict:
 def main_guard(run, errors: tuple[type[BaseException], ...] = ()):
     """Run an entry point, turning user-caused errors (the framework's, plus the entry point's own
     ``errors``) into one line and exit code 2."""
+    from algos.checkpoint import CheckpointError
     from algos.data import DataConfigError
     from algos.device import DeviceError
     from algos.models import ModelLoadError
 
     from algos.rollout.vllm_engine import VLLMSetupError
 
-    user_errors = (ConfigError, DataConfigError, DeviceError, ModelLoadError, VLLMSetupError, *errors)
+    user_errors = (CheckpointError, ConfigError, DataConfigError, DeviceError, ModelLoadError, VLLMSetupError, *errors)
     try:
         from rewards import RewardConfigError, RewardError
         user_errors += (RewardConfigError, RewardError)
