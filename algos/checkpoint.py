@@ -100,9 +100,10 @@ def load_trainer_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def load_checkpoint(accelerator, model, checkpoint: Path, state: dict) -> None:
+def load_checkpoint(accelerator, model, checkpoint: Path, state: dict, checksums) -> None:
     """Accelerate's state from ``checkpoint`` (optimizer, schedule, RNG), and the policy's weights
-    from its HF-format files where the checkpoint stores them there (module doc)."""
+    from its HF-format files where the checkpoint stores them there (module doc); those are checked
+    against the saved ``rank_weight_checksums`` with ``checksums()`` (every process's sum of weights)."""
     checkpoint = Path(checkpoint)
     if state.get("policy_weights") != WEIGHTS_IN_HF:  # weights in the state directory (DeepSpeed, PPO, older)
         accelerator.load_state(str(checkpoint / STATE_DIR))
@@ -117,6 +118,11 @@ def load_checkpoint(accelerator, model, checkpoint: Path, state: dict) -> None:
     finally:
         handle.remove()
     _load_hf_weights(accelerator.unwrap_model(model), checkpoint)
+    saved, now = state["rank_weight_checksums"][0], checksums()
+    if any(abs(x - saved) > 1e-9 * max(1.0, abs(saved)) for x in now):
+        raise CheckpointError(f"checkpoint {checkpoint}: the weights loaded (checksum {now[0]:.6g}) are not the ones "
+                              f"saved ({saved:.6g}); resume with the run's --model_name_or_path "
+                              f"({state['config'].get('model_name_or_path')})")
 
 
 def _index_of(accelerator, models: list, unwrapped) -> int:

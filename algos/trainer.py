@@ -25,8 +25,7 @@ from transformers import get_scheduler
 
 from algos.advantages import ADVANTAGE_ESTIMATORS, ESTIMATOR_FOR_ALGORITHM
 from algos.batch import RolloutBatch, concat_batches
-from algos.checkpoint import (WEIGHTS_IN_HF, CheckpointError, load_checkpoint, load_trainer_state, resolve_resume,
-                              save_checkpoint)
+from algos.checkpoint import load_checkpoint, load_trainer_state, resolve_resume, save_checkpoint
 from algos.config import RLConfig
 from algos.data import SYNTHETIC_TASKS, ArithmeticTask, load_records
 from algos.data_formats import dataset_prompt, render_prompt
@@ -848,13 +847,7 @@ class RLTrainer:
                 self.tracker.keep_until(-1)
             return
         state = load_trainer_state(checkpoint)
-        load_checkpoint(self.accelerator, self.model, checkpoint, state)
-        if state.get("policy_weights") == WEIGHTS_IN_HF:  # the HF files hold the weights: check they are the run's
-            saved, now = state["rank_weight_checksums"][0], self.weight_checksums()
-            if any(abs(x - saved) > 1e-9 * max(1.0, abs(saved)) for x in now):
-                raise CheckpointError(f"checkpoint {checkpoint}: the weights loaded (checksum {now[0]:.6g}) are not "
-                                      f"the ones saved ({saved:.6g}); resume with the run's --model_name_or_path "
-                                      f"({state['config'].get('model_name_or_path')})")
+        load_checkpoint(self.accelerator, self.model, checkpoint, state, self.weight_checksums)
         self._policy_changed()
         self.step, self.prompts_consumed = state["step"], state["prompts_consumed"]
         if self.tracker:  # lines logged after the checkpoint by the interrupted run are dropped

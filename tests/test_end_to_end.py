@@ -83,13 +83,13 @@ def test_two_process_data_parallel_run(tiny_model_path, tmp_path):
     record.mkdir()
     out = tmp_path / "run"
     launcher = Path(sys.executable).parent / "accelerate"  # the venv's, even when it is not activated
-    result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py", *PLAIN_FLAGS,
-                  "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
-                  "--max_steps", "3", "--num_generations", "4", "--per_device_train_batch_size", "8",
-                  "--max_completion_length", "8", "--num_eval_samples", "8", "--report_to", "none",
-                  "--learning_rate", "1e-3", "--output_dir", str(out)],
-                 env={"REPRO_TEST_RECORD_DIR": str(record)})
+    launch = [str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py", *PLAIN_FLAGS,
+              "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
+              "--num_generations", "4", "--per_device_train_batch_size", "8",
+              "--max_completion_length", "8", "--num_eval_samples", "8", "--report_to", "none",
+              "--learning_rate", "1e-3", "--output_dir", str(out)]
+    result = run([*launch, "--max_steps", "3"], env={"REPRO_TEST_RECORD_DIR": str(record)})
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
@@ -103,12 +103,7 @@ def test_two_process_data_parallel_run(tiny_model_path, tmp_path):
     assert not any(p.name.startswith("model") for p in (out / "final" / "trainer_state").iterdir())
 
     # both processes resume from the HF-format weights (checked against the saved checksum) and stay equal
-    result = run([str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train/grpo.py",
-                  *PLAIN_FLAGS, "--model_name_or_path", tiny_model_path, "--reward", f"{REWARDS}:record_rank",
-                  "--max_steps", "4", "--num_generations", "4", "--per_device_train_batch_size", "8",
-                  "--max_completion_length", "8", "--num_eval_samples", "8", "--report_to", "none",
-                  "--learning_rate", "1e-3", "--output_dir", str(out), "--resume_from_checkpoint", str(out / "final")],
+    result = run([*launch, "--max_steps", "4", "--resume_from_checkpoint", str(out / "final")],
                  env={"REPRO_TEST_RECORD_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
