@@ -61,7 +61,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / STATE_DIR).mkdir(parents=True)  # before the barrier: every process writes its RNG state there
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
@@ -84,6 +84,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
         accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
     finally:
         handle.remove()
+    accelerator.wait_for_everyone()  # every process's RNG state is in tmp before it is renamed
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
