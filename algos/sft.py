@@ -152,7 +152,8 @@ def run_sft(config: SFTJobConfig) -> Path:
             dataloader_num_workers=0)
         # In fp32 on a CPU, TRL's fused LM head scores every position with per-tile torch ops and cost 44% of
         # a build step (algos/sft_trainer.py). bf16 builds keep TRL's head: the thinking default's reference
-        # build, which every figure measured on AVX-512 CPUs used, came from it (bytes stay reproducible).
+        # build, which the figures measured on AVX512-BF16 EPYCs used, came from it (its bytes stay reproducible on one
+        # kind of CPU; other matmul kernels, e.g. AMX's, give other bytes).
         on_cpu_fp32 = not torch.cuda.is_available() and not bf16
         trainer_class = LabelWindowSFTTrainer if on_cpu_fp32 else SFTTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
