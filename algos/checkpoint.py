@@ -9,8 +9,9 @@ policy's adapter, its frozen base being the launch's ``--model_name_or_path``) a
 loads, and Accelerate's state directory holds the optimizer, schedule and RNG states without a
 second copy of the weights (``register_save_state_pre_hook``, as diffusers' training scripts use
 it). ``trainer_state.json`` marks such a checkpoint (``"policy_weights": "hf"``) and keeps the
-weights' checksum, which a resume checks. Under DeepSpeed (its own checkpoint format) and for
-PPO's actor-critic (the value head is not in the HF files) the state directory keeps the weights.
+weights' checksum, which a resume checks. For PPO's actor-critic the state directory keeps the
+critic's weights only (the value head and a separate critic backbone are not in the HF files).
+Under DeepSpeed (its own checkpoint format) the state directory keeps every weight.
 """
 from __future__ import annotations
 
@@ -72,11 +73,15 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
         policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     # only the main process writes weights; the others follow its layout
-    weights_in_hf = policy is unwrapped and (not accelerator.is_main_process or _hf_files_hold(policy, tmp))
+    weights_in_hf = not accelerator.is_main_process or _hf_files_hold(policy, tmp)
 
     def drop_policy_weights(models, weights, _output_dir):  # Accelerate's save_state pre-hook
         if weights_in_hf and len(weights) == len(models):  # not DeepSpeed / FSDP: those save their own way
-            del weights[_index_of(accelerator, models, unwrapped)]
+            i = _index_of(accelerator, models, unwrapped)
+            if policy is unwrapped:
+                del weights[i]
+            else:  # PPO's actor-critic: the critic's weights stay (keys as Accelerate names them, e.g. under DDP)
+                weights[i] = _without(weights[i], policy)
             trainer_state["policy_weights"] = WEIGHTS_IN_HF
 
     handle = accelerator.register_save_state_pre_hook(drop_policy_weights)
@@ -106,19 +111,23 @@ def load_checkpoint(accelerator, model, checkpoint: Path, state: dict, checksums
     from its HF-format files where the checkpoint stores them there (module doc); those are checked
     against the saved ``rank_weight_checksums`` with ``checksums()`` (every process's sum of weights)."""
     checkpoint = Path(checkpoint)
-    if state.get("policy_weights") != WEIGHTS_IN_HF:  # weights in the state directory (DeepSpeed, PPO, older)
+    if state.get("policy_weights") != WEIGHTS_IN_HF:  # weights in the state directory (DeepSpeed, older)
         accelerator.load_state(str(checkpoint / STATE_DIR))
         return
+    unwrapped = accelerator.unwrap_model(model)
+    policy = getattr(unwrapped, "policy", unwrapped)
+    if policy is unwrapped:
+        def skip_policy(models, _input_dir):  # Accelerate's load_state pre-hook
+            del models[_index_of(accelerator, models, unwrapped)]
 
-    def skip_policy(models, _input_dir):  # Accelerate's load_state pre-hook
-        del models[_index_of(accelerator, models, accelerator.unwrap_model(model))]
-
-    handle = accelerator.register_load_state_pre_hook(skip_policy)
-    try:
-        accelerator.load_state(str(checkpoint / STATE_DIR))
-    finally:
-        handle.remove()
-    _load_hf_weights(accelerator.unwrap_model(model), checkpoint)
+        handle = accelerator.register_load_state_pre_hook(skip_policy)
+        try:
+            accelerator.load_state(str(checkpoint / STATE_DIR))
+        finally:
+            handle.remove()
+    else:  # PPO's actor-critic: the state directory holds the critic's weights, the HF files the policy's
+        accelerator.load_state(str(checkpoint / STATE_DIR), strict=False)  # the checksum below sees a miss
+    _load_hf_weights(policy, checkpoint)
     saved, now = state["rank_weight_checksums"][0], checksums()
     if any(abs(x - saved) > 1e-9 * max(1.0, abs(saved)) for x in now):
         raise CheckpointError(f"checkpoint {checkpoint}: the weights loaded (checksum {now[0]:.6g}) are not the ones "
@@ -129,6 +138,12 @@ def load_checkpoint(accelerator, model, checkpoint: Path, state: dict, checksums
 def _index_of(accelerator, models: list, unwrapped) -> int:
     """Where Accelerate's model list holds ``unwrapped`` (as itself, or wrapped for DDP)."""
     return next(i for i, m in enumerate(models) if accelerator.unwrap_model(m) is unwrapped)
+
+
+def _without(state_dict: dict, part) -> dict:
+    """``state_dict`` less the tensors that share storage with ``part``'s (whatever their key prefix)."""
+    storage = {t.untyped_storage().data_ptr() for t in part.state_dict().values()}
+    return {k: v for k, v in state_dict.items() if v.untyped_storage().data_ptr() not in storage}
 
 
 def _is_peft(policy) -> bool:

@@ -1,6 +1,6 @@
 """The trainer on a tiny random Llama: every algorithm runs, gradient accumulation is exact,
-resume reproduces an uninterrupted run (from either checkpoint layout, with and without LoRA),
-checkpoints store the weights once, rotate and survive partial saves."""
+resume reproduces an uninterrupted run (from either checkpoint layout, with and without LoRA, PPO's
+critic included), checkpoints store the weights once, rotate and survive partial saves."""
 from __future__ import annotations
 
 import json
@@ -113,6 +113,31 @@ def test_resume_reproduces_uninterrupted_run(tiny_model_path, tmp_path):
     c = weights(old / "final")
     for k in a:
         torch.testing.assert_close(a[k], c[k])
+
+
+@pytest.mark.parametrize("critic_backbone", ["separate", "shared"])
+def test_ppo_checkpoint_keeps_only_the_critic_in_its_state_and_resumes_exactly(tiny_model_path, tmp_path,
+                                                                               critic_backbone):
+    ppo = dict(algorithm="ppo", critic_backbone=critic_backbone, max_steps=4, save_steps=2)
+    full = tmp_path / "full"
+    RLTrainer(make_config(tiny_model_path, full, **ppo)).train()
+    checkpoint = full / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["policy_weights"] == "hf"
+    critic = load_file(str(checkpoint / "trainer_state" / "model.safetensors"))
+    assert "value_head.weight" in critic and not any(k.startswith("policy.") for k in critic)
+    assert any(k.startswith("critic_backbone.") for k in critic) == (critic_backbone == "separate")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    RLTrainer(make_config(tiny_model_path, resumed, resume_from_checkpoint="latest", **ppo)).train()
+    expected = {m["step"]: m for m in read_metrics(full) if "loss/value" in m}
+    got = {m["step"]: m for m in read_metrics(resumed) if "loss/value" in m}
+    for step in (3, 4):  # the value loss follows the critic restored from trainer_state/
+        for key in ("loss/value", "loss/policy", "reward/mean"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), key
+    a, b = weights(full / "final"), weights(resumed / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_lora_checkpoint_holds_the_adapter_once_resumes_exactly_and_checks_its_base(tiny_model_path, tmp_path):
