@@ -13,6 +13,8 @@ non-special tokens (as Qwen3 and DeepSeek-R1 have them) and the embedding two me
 emitted, so the recipe leaves it off. On the thinking task the chat template also learns to drop
 earlier turns' thinking (:func:`thinking_chat_template`).
 
+``layer_dropout`` skips decoder blocks at random while training (:mod:`algos.layer_dropout`); off in the recipe.
+
 The thinking default, ``smollm2-135m-thinking``, is the embedded default fine-tuned with
 :data:`THINKING_RECIPE`; :func:`thinking_model_path` builds it once (a few minutes on a laptop CPU,
 with a progress bar) and caches it next to the converted default.
@@ -50,6 +52,9 @@ class SFTJobConfig:
     max_length: int = 512
     seed: int = 0
     add_think_tokens: bool = False           # True: <think>/</think> as new single tokens (needs longer training)
+    layer_dropout: float = 0.0               # > 0: skip each block with this rate while training (algos/layer_dropout.py)
+    layer_dropout_schedule: str = "uniform"  # 'uniform' or 'exponential' (LayerSkip's rates rising with depth)
+    layer_dropout_blocks: str = ""           # '3-7,25': the rate on those blocks only; '': on every block
     bf16: bool | None = None                 # None: bf16 autocast where it is fast (algos.device.bf16_is_fast)
     task: ThinkingTask = field(default_factory=ThinkingTask)
     report_to: str = "none"
@@ -121,9 +126,12 @@ def run_sft(config: SFTJobConfig) -> Path:
     import torch
     from trl import SFTConfig, SFTTrainer
 
+    from algos.layer_dropout import decoder_layers, layer_dropout, layer_dropout_rates, parse_blocks
     from algos.models import load_causal_lm, load_tokenizer
     from algos.sft_trainer import LabelWindowSFTTrainer
 
+    layer_dropout_rates(config.layer_dropout, 1, config.layer_dropout_schedule)  # bad values fail before any work
+    parse_blocks(config.layer_dropout_blocks)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
     if config.dataset == "thinking":
@@ -132,6 +140,8 @@ def run_sft(config: SFTJobConfig) -> Path:
     model = load_causal_lm(config.model_name_or_path, dtype=torch.float32)
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
+    layer_dropout_rates(config.layer_dropout, len(decoder_layers(model)), config.layer_dropout_schedule,
+                        config.layer_dropout_blocks)  # blocks that exist, before anything is written
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
     if config.bf16 is None and not bf16 and not torch.cuda.is_available():  # chosen here, not by the user
         print("[repro-rl] SFT in float32: this CPU has no fast bfloat16 (AVX-512); the thinking default's "
@@ -149,7 +159,8 @@ def run_sft(config: SFTJobConfig) -> Path:
             gradient_checkpointing=False,  # TRL's default is on; a 135M model fits, and it costs a third more compute
             train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
             save_strategy="no", logging_steps=5, report_to=config.report_to, disable_tqdm=not config.progress,
-            dataloader_num_workers=0)
+            dataloader_num_workers=0,
+            ddp_find_unused_parameters=True if config.layer_dropout > 0 else None)  # a dropped block has no gradient
         # In fp32 on a CPU, TRL's fused LM head scores every position with per-tile torch ops and cost 44% of
         # a build step (algos/sft_trainer.py). bf16 builds keep TRL's head: the thinking default's reference
         # build, which the figures measured on AVX512-BF16 EPYCs used, came from it (its bytes stay reproducible on one
@@ -157,7 +168,9 @@ def run_sft(config: SFTJobConfig) -> Path:
         on_cpu_fp32 = not torch.cuda.is_available() and not bf16
         trainer_class = LabelWindowSFTTrainer if on_cpu_fp32 else SFTTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
+        with layer_dropout(model, config.layer_dropout, config.layer_dropout_schedule, config.layer_dropout_blocks,
+                           seed=config.seed):
+            trainer.train()
         model = trainer.model
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         tokenizer.padding_side = "left"

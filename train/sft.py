@@ -42,6 +42,13 @@ def parse_args(argv=None):
     a("--seed", type=int, default=d.seed, help="trace and training seed")
     a("--add_think_tokens", type=_parse_bool, nargs="?", const=True, default=d.add_think_tokens, metavar="BOOL",
       help="add <think> and </think> to the tokenizer as single tokens")
+    a("--layer_dropout", type=float, default=d.layer_dropout,
+      help="skip each decoder block for a training step with this rate (LayerDrop/LayerSkip), so that blocks can be "
+           "skipped at inference (Dr.LLM's router); 0: off")
+    a("--layer_dropout_schedule", choices=("uniform", "exponential"), default=d.layer_dropout_schedule,
+      help="the same rate for every block, or LayerSkip's rising with depth (0 at the first block, the rate at the last)")
+    a("--layer_dropout_blocks", default=d.layer_dropout_blocks,
+      help="'3-7,25': the rate on those blocks only (the ones a router should learn to skip); empty: every block")
     a("--bf16", type=_parse_bool, nargs="?", const=True, default=d.bf16, metavar="BOOL",
       help="bf16 autocast; default: where it is fast (a CUDA GPU with bf16, a CPU with AVX-512; float32 on an AVX2-only CPU)")
     a("--report_to", default=d.report_to, help="'none', 'wandb', 'tensorboard' (transformers' loggers)")
@@ -59,7 +66,16 @@ def parse_args(argv=None):
     g.add_argument("--recheck_rate", type=float, default=style.recheck_rate,
                    help="expected redundant re-checks of the whole chain after the answer is known")
     g.add_argument("--max_rechecks", type=int, default=style.max_rechecks, help="most re-checks per trace")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.layer_dropout < 1.0:
+        p.error(f"--layer_dropout must be in [0, 1), got {args.layer_dropout}")
+    from algos.config import ConfigError
+    from algos.layer_dropout import parse_blocks
+    try:
+        parse_blocks(args.layer_dropout_blocks)
+    except ConfigError as exc:
+        p.error(f"--layer_dropout_blocks: {exc}")
+    return args
 
 
 def main(argv=None):
