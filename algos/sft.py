@@ -126,12 +126,10 @@ def run_sft(config: SFTJobConfig) -> Path:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from algos.layer_dropout import decoder_layers, layer_dropout, layer_dropout_rates, parse_blocks
+    from algos.layer_dropout import decoder_layers, layer_dropout, layer_dropout_rates
     from algos.models import load_causal_lm, load_tokenizer
     from algos.sft_trainer import LabelWindowSFTTrainer
 
-    layer_dropout_rates(config.layer_dropout, 1, config.layer_dropout_schedule)  # bad values fail before any work
-    parse_blocks(config.layer_dropout_blocks)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
     if config.dataset == "thinking":
@@ -141,7 +139,7 @@ def run_sft(config: SFTJobConfig) -> Path:
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
     layer_dropout_rates(config.layer_dropout, len(decoder_layers(model)), config.layer_dropout_schedule,
-                        config.layer_dropout_blocks)  # blocks that exist, before anything is written
+                        config.layer_dropout_blocks)  # bad values fail here, before anything is written
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
     if config.bf16 is None and not bf16 and not torch.cuda.is_available():  # chosen here, not by the user
         print("[repro-rl] SFT in float32: this CPU has no fast bfloat16 (AVX-512); the thinking default's "
