@@ -31,20 +31,22 @@ from algos.config import ConfigError
 SCHEDULES = ("uniform", "exponential")
 
 
-def parse_blocks(text: str, num_layers: int | None = None) -> list[int]:
-    """Block indices from "3-7,25" (ranges inclusive); empty text gives []. With ``num_layers``, each must be < it."""
+def parse_blocks(text: str, num_layers: int | None = None, what: str = "layer dropout blocks") -> list[int]:
+    """Block indices from "3-7,25" (ranges inclusive); empty text gives []. With ``num_layers``, each must be < it.
+    ``what`` names the setting in the error."""
     blocks: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         first, dash, last = part.partition("-")
         try:
             low, high = int(first), int(last if dash else first)
         except ValueError:
-            raise ConfigError(f"layer dropout blocks must look like '3-7,25', got {text!r}") from None
+            raise ConfigError(f"{what} must look like '3-7,25', got {text!r}") from None
         if low < 0 or high < low:
-            raise ConfigError(f"layer dropout blocks must look like '3-7,25' (ascending, from 0), got {text!r}")
+            raise ConfigError(f"{what} must look like '3-7,25' (ascending, from 0), got {text!r}")
         blocks.update(range(low, high + 1))
     if num_layers is not None and blocks and max(blocks) >= num_layers:
-        raise ConfigError(f"layer dropout block {max(blocks)} does not exist: the model has {num_layers} blocks (0-{num_layers - 1})")
+        raise ConfigError(f"{what}: block {max(blocks)} does not exist: the model has {num_layers} blocks "
+                          f"(0-{num_layers - 1})")
     return sorted(blocks)
 
 

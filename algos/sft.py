@@ -13,7 +13,9 @@ non-special tokens (as Qwen3 and DeepSeek-R1 have them) and the embedding two me
 emitted, so the recipe leaves it off. On the thinking task the chat template also learns to drop
 earlier turns' thinking (:func:`thinking_chat_template`).
 
-``layer_dropout`` skips decoder blocks at random while training (:mod:`algos.layer_dropout`); off in the recipe.
+``layer_dropout`` skips decoder blocks at random while training (:mod:`algos.layer_dropout`);
+``skip_distillation_sets`` trains the dense path on the data and paths with those blocks skipped on the dense
+path's predictions (:mod:`algos.skip_distillation`). Both are off in the recipe.
 
 The thinking default, ``smollm2-135m-thinking``, is the embedded default fine-tuned with
 :data:`THINKING_RECIPE`; :func:`thinking_model_path` builds it once (a few minutes on a laptop CPU,
@@ -21,6 +23,7 @@ with a progress bar) and caches it next to the converted default.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +58,8 @@ class SFTJobConfig:
     layer_dropout: float = 0.0               # > 0: skip each block with this rate while training (algos/layer_dropout.py)
     layer_dropout_schedule: str = "uniform"  # 'uniform' or 'exponential' (LayerSkip's rates rising with depth)
     layer_dropout_blocks: str = ""           # '3-7,25': the rate on those blocks only; '': on every block
+    skip_distillation_sets: str = ""         # '3,4;3,4,6': distil the dense path into these skipped paths ('': off)
+    skip_distillation_weight: float = 1.0    # λ of the distillation term (algos/skip_distillation.py)
     bf16: bool | None = None                 # None: bf16 autocast where it is fast (algos.device.bf16_is_fast)
     task: ThinkingTask = field(default_factory=ThinkingTask)
     report_to: str = "none"
@@ -128,7 +133,8 @@ def run_sft(config: SFTJobConfig) -> Path:
 
     from algos.layer_dropout import decoder_layers, layer_dropout, layer_dropout_rates
     from algos.models import load_causal_lm, load_tokenizer
-    from algos.sft_trainer import LabelWindowSFTTrainer
+    from algos.sft_trainer import LabelWindowSFTTrainer, SkipDistillationSFTTrainer
+    from algos.skip_distillation import SkipSetSampler, skippable_blocks
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="right")
@@ -138,8 +144,10 @@ def run_sft(config: SFTJobConfig) -> Path:
     model = load_causal_lm(config.model_name_or_path, dtype=torch.float32)
     if config.add_think_tokens:
         add_think_tokens(model, tokenizer)
+    # Bad values fail here, before anything is written.
     layer_dropout_rates(config.layer_dropout, len(decoder_layers(model)), config.layer_dropout_schedule,
-                        config.layer_dropout_blocks)  # bad values fail here, before anything is written
+                        config.layer_dropout_blocks)
+    skip_sets = _skip_distillation_sets(config, len(decoder_layers(model)))
     bf16 = config.bf16 if config.bf16 is not None else _bf16_supported()
     if config.bf16 is None and not bf16 and not torch.cuda.is_available():  # chosen here, not by the user
         print("[repro-rl] SFT in float32: this CPU has no fast bfloat16 (AVX-512); the thinking default's "
@@ -158,16 +166,23 @@ def run_sft(config: SFTJobConfig) -> Path:
             train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding
             save_strategy="no", logging_steps=5, report_to=config.report_to, disable_tqdm=not config.progress,
             dataloader_num_workers=0,
-            ddp_find_unused_parameters=True if config.layer_dropout > 0 else None)  # a dropped block has no gradient
+            # A dropped block has no gradient; skip distillation's dense pass reaches every parameter.
+            ddp_find_unused_parameters=True if config.layer_dropout > 0 else False if skip_sets else None)
         # In fp32 on a CPU, TRL's fused LM head scores every position with per-tile torch ops and cost 44% of
         # a build step (algos/sft_trainer.py). bf16 builds keep TRL's head: the thinking default's reference
         # build, which the figures measured on AVX512-BF16 EPYCs used, came from it (its bytes stay reproducible on one
         # kind of CPU; other matmul kernels, e.g. AMX's, give other bytes).
         on_cpu_fp32 = not torch.cuda.is_available() and not bf16
         trainer_class = LabelWindowSFTTrainer if on_cpu_fp32 else SFTTrainer
-        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        skipping = skippable_blocks(model) if skip_sets else contextlib.nullcontext(set())
         with layer_dropout(model, config.layer_dropout, config.layer_dropout_schedule, config.layer_dropout_blocks,
-                           seed=config.seed):
+                           seed=config.seed), skipping as skipped:
+            if skip_sets:  # its loss needs the full logits of both passes: the label window's (fp32 and bf16 alike)
+                trainer = SkipDistillationSFTTrainer(
+                    model=model, args=args, train_dataset=dataset, processing_class=tokenizer, skipped=skipped,
+                    sampler=SkipSetSampler(skip_sets, config.seed), weight=config.skip_distillation_weight)
+            else:
+                trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
             trainer.train()
         model = trainer.model
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -182,6 +197,21 @@ def run_sft(config: SFTJobConfig) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _skip_distillation_sets(config: SFTJobConfig, num_layers: int) -> list[tuple[int, ...]]:
+    """The skip sets to distil into ([] when off), checked against the model and the other options."""
+    from algos.config import ConfigError
+    from algos.skip_distillation import parse_skip_sets
+
+    if not config.skip_distillation_sets.strip():
+        return []
+    if config.layer_dropout > 0:
+        raise ConfigError("choose one of layer dropout and skip distillation (set --layer_dropout 0 or "
+                          "--skip_distillation_sets '')")
+    if not config.skip_distillation_weight > 0:
+        raise ConfigError(f"skip distillation weight must be > 0, got {config.skip_distillation_weight}")
+    return parse_skip_sets(config.skip_distillation_sets, num_layers)
 
 
 def _bf16_supported() -> bool:

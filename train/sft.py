@@ -3,6 +3,7 @@
     python train/sft.py                                   # the thinking default's recipe -> runs/sft
     python train/sft.py --num_train_samples 2000 --recheck_rate 0.5 --output_dir runs/sft-short
     python train/sft.py --dataset my_traces.jsonl
+    python train/sft.py --model_name_or_path smollm2-135m-thinking --skip_distillation_sets "3,4;3,4,6" ...
 
 The default data are the seeded thinking traces of algos/thinking_task.py (<think>, one step per line,
 "wait"/"hmm" cues, caught mistakes, re-checks, </think>, \\boxed{} answer); their statistics are flags.
@@ -49,6 +50,11 @@ def parse_args(argv=None):
       help="the same rate for every block, or LayerSkip's rising with depth (0 at the first block, the rate at the last)")
     a("--layer_dropout_blocks", default=d.layer_dropout_blocks,
       help="'3-7,25': the rate on those blocks only (the ones a router should learn to skip); empty: every block")
+    a("--skip_distillation_sets", default=d.skip_distillation_sets,
+      help="'3,4;3,4,6': each step also runs the batch with one of these skip sets and trains it towards the dense "
+           "path's predictions (inplace distillation), so a router (Dr.LLM) can skip those blocks; empty: off")
+    a("--skip_distillation_weight", type=float, default=d.skip_distillation_weight,
+      help="weight λ of the distillation term: CE(dense) + λ·KL(dense ‖ skipped)")
     a("--bf16", type=_parse_bool, nargs="?", const=True, default=d.bf16, metavar="BOOL",
       help="bf16 autocast; default: where it is fast (a CUDA GPU with bf16, a CPU with AVX-512; float32 on an AVX2-only CPU)")
     a("--report_to", default=d.report_to, help="'none', 'wandb', 'tensorboard' (transformers' loggers)")
@@ -71,10 +77,20 @@ def parse_args(argv=None):
         p.error(f"--layer_dropout must be in [0, 1), got {args.layer_dropout}")
     from algos.config import ConfigError
     from algos.layer_dropout import parse_blocks
+    from algos.skip_distillation import parse_skip_sets
     try:
         parse_blocks(args.layer_dropout_blocks)
     except ConfigError as exc:
         p.error(f"--layer_dropout_blocks: {exc}")
+    if args.skip_distillation_sets.strip():
+        try:
+            parse_skip_sets(args.skip_distillation_sets)
+        except ConfigError as exc:
+            p.error(f"--skip_distillation_sets: {exc}")
+        if args.layer_dropout > 0:
+            p.error("--layer_dropout and --skip_distillation_sets: choose one of them")
+        if not args.skip_distillation_weight > 0:
+            p.error(f"--skip_distillation_weight must be > 0, got {args.skip_distillation_weight}")
     return args
 
 
