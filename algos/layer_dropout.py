@@ -22,7 +22,7 @@ router skips it. Draws come from their own seeded generator, so a fine-tune stay
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -74,6 +74,26 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
+def blocks_skipped_where(model, skip: Callable[[int, torch.nn.Module], bool]) -> Iterator[None]:
+    """Within the block, decoder block ``l`` of ``model`` returns its input unchanged (no compute, no gradient)
+    whenever ``skip(l, block)`` is true at its call. The blocks' own ``forward`` is restored on exit, so the saved
+    model is the usual one. Layer dropout and skip distillation (:mod:`algos.skip_distillation`) both use it."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        run = layer.forward
+
+        def forward(hidden_states, *args, _run=run, _index=index, _layer=layer, **kwargs):
+            return hidden_states if skip(_index, _layer) else _run(hidden_states, *args, **kwargs)
+
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute; the class's forward shows again
+
+
+@contextlib.contextmanager
 def layer_dropout(model, rate: float, schedule: str = "uniform", blocks: str = "",
                   seed: int = 0) -> Iterator[list[float]]:
     """Within the block, every decoder block of ``model`` in training mode returns its input unchanged with
@@ -83,27 +103,18 @@ def layer_dropout(model, rate: float, schedule: str = "uniform", blocks: str = "
     if rate > 0 and getattr(model, "is_gradient_checkpointing", False):
         raise ConfigError("layer dropout cannot run with gradient checkpointing (the recomputed forward would draw "
                           "other blocks); turn one of them off")
-    layers = decoder_layers(model)
-    rates = layer_dropout_rates(rate, len(layers), schedule, blocks)
-    generator = torch.Generator().manual_seed(seed)
-    patched = []
-    for layer, p in zip(layers, rates):
-        if p <= 0.0:
-            continue
-        run = layer.forward
-
-        def forward(hidden_states, *args, _run=run, _p=p, _layer=layer, **kwargs):
-            if _layer.training and torch.rand((), generator=generator).item() < _p:
-                return hidden_states
-            return _run(hidden_states, *args, **kwargs)
-
-        layer.forward = forward
-        patched.append(layer)
-    try:
+    rates = layer_dropout_rates(rate, len(decoder_layers(model)), schedule, blocks)
+    if not any(p > 0 for p in rates):
         yield rates
-    finally:
-        for layer in patched:
-            del layer.forward  # the instance attribute; the class's forward shows again
+        return
+    generator = torch.Generator().manual_seed(seed)
+
+    def dropped(index: int, layer: torch.nn.Module) -> bool:
+        return rates[index] > 0 and layer.training and torch.rand((), generator=generator).item() < rates[index]
+
+    with blocks_skipped_where(model, dropped):
+        yield rates
 
 
-__all__ = ["SCHEDULES", "decoder_layers", "layer_dropout", "layer_dropout_rates", "parse_blocks"]
+__all__ = ["SCHEDULES", "blocks_skipped_where", "decoder_layers", "layer_dropout", "layer_dropout_rates",
+           "parse_blocks"]

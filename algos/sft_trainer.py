@@ -28,8 +28,7 @@ class LabelWindowSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         log_probs, targets, mask, outputs = self._window_log_probs(model, inputs)
-        token_log_probs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        loss = -(token_log_probs * mask).sum() / self._token_count(mask, num_items_in_batch)
+        loss = self._cross_entropy(log_probs, targets, mask, self._token_count(mask, num_items_in_batch))
         self._log_token_metrics(log_probs.detach(), targets, mask, inputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -45,6 +44,12 @@ class LabelWindowSFTTrainer(SFTTrainer):
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=labels.size(1) - first + 1)
         targets = labels[:, first:]
         return outputs.logits[:, :-1].float().log_softmax(dim=-1), targets, targets != -100, outputs
+
+    @staticmethod
+    def _cross_entropy(log_probs, targets, mask, num_tokens) -> torch.Tensor:
+        """L = −Σ_t log p(y_t) / N over the labelled positions."""
+        token_log_probs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return -(token_log_probs * mask).sum() / num_tokens
 
     def _token_count(self, mask, num_items_in_batch) -> torch.Tensor:
         """N in L = Σ / N: the labelled tokens, or ``num_items_in_batch`` under gradient accumulation, divided
@@ -86,7 +91,7 @@ class SkipDistillationSFTTrainer(LabelWindowSFTTrainer):
         self.skipped.clear()
         dense, targets, mask, outputs = self._window_log_probs(model, inputs)
         num_tokens = self._token_count(mask, num_items_in_batch)
-        ce = -(dense.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / num_tokens
+        ce = self._cross_entropy(dense, targets, mask, num_tokens)
         self.skipped.update(self.sampler.draw())
         try:
             student = self._window_log_probs(model, inputs)[0]

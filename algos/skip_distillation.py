@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from algos.config import ConfigError
-from algos.layer_dropout import decoder_layers, parse_blocks
+from algos.layer_dropout import blocks_skipped_where, parse_blocks
 
 
 def parse_skip_sets(text: str, num_layers: int | None = None) -> list[tuple[int, ...]]:
@@ -51,20 +51,10 @@ def distillation_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Te
 def skippable_blocks(model) -> Iterator[set[int]]:
     """Within the block, every decoder block of ``model`` whose index is in the yielded set returns its input
     unchanged (no compute, no gradient); the set starts empty (the dense path) and the caller fills it. The
-    blocks' own ``forward`` is restored on exit, so the saved model is the usual one."""
-    layers, skipped = decoder_layers(model), set()
-    for index, layer in enumerate(layers):
-        run = layer.forward
-
-        def forward(hidden_states, *args, _run=run, _index=index, **kwargs):
-            return hidden_states if _index in skipped else _run(hidden_states, *args, **kwargs)
-
-        layer.forward = forward
-    try:
+    blocks' own ``forward`` is restored on exit (:func:`algos.layer_dropout.blocks_skipped_where`)."""
+    skipped: set[int] = set()
+    with blocks_skipped_where(model, lambda index, layer: index in skipped):
         yield skipped
-    finally:
-        for layer in layers:
-            del layer.forward  # the instance attribute; the class's forward shows again
 
 
 class SkipSetSampler:
