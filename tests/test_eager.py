@@ -254,3 +254,40 @@ def test_dynamic_threshold_holds_back_branching(tiny_model_path):
         assert forks.count(0) == 2                           # step 0: nothing seen yet, so theta = 0 for both
     assert early[False] == 14                                # 1 -> 2 -> 4 -> 8 sequences per prompt
     assert early[True] < early[False]
+
+
+def _bench_eager():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_eager.py"
+    spec = importlib.util.spec_from_file_location("bench_eager", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch, capsys):
+    bench = _bench_eager()
+    seen = {}
+    real = bench.eager_sample
+
+    def recording(model, ids, mask, params, eos, mode="init", **kwargs):
+        seen[mode] = params.threshold
+        return real(model, ids, mask, params, eos, mode=mode, **kwargs)
+
+    monkeypatch.setattr(bench, "eager_sample", recording)
+    common = ["--model", tiny_model_path, "--num_problems", "2", "--m", "2", "--max_new_tokens", "3",
+              "--timing_prompts", "0", "--threshold", "2.0"]
+    bench.main(common + ["--full_threshold", "2.5"])
+    assert seen == {"init": 2.0, "adapt": 2.0, "full": 2.5, "parallel": 2.0}
+    assert "theta=2.0 (full: 2.5)" in capsys.readouterr().out
+    bench.main(common)  # without it, one theta for every method, as before
+    assert seen == {"init": 2.0, "adapt": 2.0, "full": 2.0, "parallel": 2.0}
+
+
+def test_bench_refuses_a_threshold_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_eager().parse_args(["--full_threshold", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--full_threshold must be a positive entropy in nats, got 0.0")
