@@ -56,8 +56,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     for name in ("threshold", "full_threshold"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            ap.error(f"--{name} must be a positive entropy in nats, got {value}")
+        if value is not None and not value >= 0:
+            ap.error(f"--{name} must be an entropy in nats (0 or more), got {value}")
     return args
 
 
