@@ -5,7 +5,6 @@ CPU tests cover the device-agnostic code (bf16 on the CPU stands in for a second
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,7 @@ import torch
 from algos.config import RLConfig
 from algos.device import DeviceError, module_device, resolve_device, resolve_device_dtype, resolve_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script as _load_script
 
 
 def test_auto_is_cuda_bf16_where_available_else_cpu_fp32():

@@ -16,6 +16,7 @@ from algos.models import load_tokenizer
 from algos.rollout import SamplingParams
 from rewards.metrics import majority_answer, sample_metrics
 from plain_settings import PLAIN
+from script_loader import load_script
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Count to five."]
 
@@ -257,13 +258,7 @@ def test_dynamic_threshold_holds_back_branching(tiny_model_path):
 
 
 def _bench_eager():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_eager.py"
-    spec = importlib.util.spec_from_file_location("bench_eager", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/bench_eager.py")
 
 
 def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch, capsys):
