@@ -36,7 +36,9 @@ def global_batch(vocab: int) -> RolloutBatch:
         prompts=["p"] * B, completions=["c"] * B, finish_reasons=["stop"] * B, extras={"answer": ["1"] * B})
 
 
-def main(model, out, algorithm, loss_type, scale):
+def step_gradients(model, out, algorithm, loss_type, scale) -> dict:
+    """One training step of a real trainer on this process's share of the global batch; the gradient
+    each parameter holds when the optimizer steps."""
     config = RLConfig(**{**PLAIN, "gradient_accumulation_steps": 2}, model_name_or_path=model, output_dir=os.path.dirname(out), algorithm=algorithm,
                       loss_type=loss_type, scale_rewards=scale, beta=0.0, num_generations=2,
                       per_device_train_batch_size=2, max_steps=1,
@@ -57,9 +59,15 @@ def main(model, out, algorithm, loss_type, scale):
 
     trainer.optimizer.optimizer.register_step_pre_hook(capture)  # the torch optimizer inside Accelerate's
     trainer.training_step()
-    if acc.is_main_process:
+    return grads
+
+
+def main(model, out, algorithm, loss_type, scale):
+    grads = step_gradients(model, out, algorithm, loss_type, scale)
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(grads, out)
-    close_process_group()
+    close_process_group()  # the trainer (and its DDP wrapper) is gone by now: the gloo group goes with it
 
 
 if __name__ == "__main__":
