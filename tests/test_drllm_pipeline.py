@@ -22,6 +22,7 @@ from routers.router import PathRouter, window_pool  # noqa: E402
 from routers.traces import TraceError, collect_traces, read_traces, summarize  # noqa: E402
 from routers.training import (RouterTrainConfig, RoutingData, cosine_with_warmup, routing_metrics,  # noqa: E402
                               split_indices, teacher_forced_features, train_router)
+from script_loader import load_script  # noqa: E402
 
 torch.set_num_threads(1)
 L = 4
@@ -306,12 +307,7 @@ def test_entry_point_search_train_eval_export_and_resume(tiny_model_path, tmp_pa
 
 
 def test_bench_skip_paths_drop_k_inner_blocks():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_drllm", Path(__file__).parents[1] / "scripts" / "bench_drllm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_drllm.py")
     for k in (0, 1, 4, 8, 28):
         path = bench.skip_path(30, k)
         assert len(path) == 30 - k and path[0] == 0 and path[-1] == 29 and path == sorted(set(path))
@@ -445,13 +441,7 @@ def test_entry_point_candidate_search(tiny_model_path, tmp_path, monkeypatch, ca
 def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys, monkeypatch):
     """scripts/drllm_screen.py scores dense and each skip set on the search split and suggests
     candidates from the single skips that lose least (no pair that would skip all 2 blocks)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "drllm_screen", Path(__file__).resolve().parents[1] / "scripts" / "drllm_screen.py")
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = load_script("scripts/drllm_screen.py")
     out = tmp_path / "screen.json"
     rows = screen.main(["--model_name_or_path", tiny_model_path, "--num_problems", "3", "--max_new_tokens", "2",
                         "--top", "2", "--out", str(out)])
@@ -477,13 +467,7 @@ def test_screen_script_rows_and_suggestion(tiny_model_path, tmp_path, capsys, mo
 def test_screen_suggestion_keeps_screened_pairs_that_hold_and_drops_broken_ones():
     """The suggestion: the --top singles by net loss, their pairs not screened yet, and screened
     multi-block sets keeping at least half the dense answers (fewest lost first)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "drllm_screen", Path(__file__).resolve().parents[1] / "scripts" / "drllm_screen.py")
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = load_script("scripts/drllm_screen.py")
 
     def row(skips, correct):
         dense = [1, 1, 1, 1, 0]

@@ -12,11 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from deploy.bundle import export_bundle
 from deploy.decoder import EfficientDecoder
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
-spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-evaluate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate)
+evaluate = load_script("scripts/evaluate.py")
 
 DECODERS = "plain,lynx,eager,drllm"
 CONFIGS = ["plain", "lynx@0.9", "lynx@0.99", "eager", "drllm"]

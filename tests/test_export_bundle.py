@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,10 @@ from probes.export import LynxProbe, load_probe, save_probe
 from probes.probe import ExitProbe
 from routers.export import load_router, save_router
 from routers.router import PathRouter
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
-spec = importlib.util.spec_from_file_location("export_script", SCRIPT)
-export = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export)
+export = load_script("scripts/export.py")
 
 
 def save_parts(model, where: Path) -> tuple[Path, Path]:

@@ -9,9 +9,6 @@ A LYNX job on a tiny random Llama (the grader replaced so both labels occur), th
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,15 +18,10 @@ from algos.models import load_causal_lm
 from probes.pipeline import LynxJobConfig, run_lynx_job
 from routers.export import save_router
 from routers.router import PathRouter
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lynx_feature_shift.py"
-spec = importlib.util.spec_from_file_location("lynx_feature_shift", SCRIPT)
-shift = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(shift)
-SWEEP = Path(__file__).resolve().parents[1] / "scripts" / "lynx_layer_sweep.py"
-sweep_spec = importlib.util.spec_from_file_location("lynx_layer_sweep", SWEEP)
-sweep = importlib.util.module_from_spec(sweep_spec)
-sweep_spec.loader.exec_module(sweep)
+shift = load_script("scripts/lynx_feature_shift.py")
+sweep = load_script("scripts/lynx_layer_sweep.py")
 
 
 @pytest.fixture(scope="module")
