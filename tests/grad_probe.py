@@ -1,9 +1,11 @@
 """Run under `accelerate launch` (1 or 2 processes) by tests/test_distributed_exact.py: one training
 step of the real trainer on a fixed global batch, split between the processes, and save the
-gradient that reaches the optimizer (after DDP's all-reduce).
+gradient that reaches the optimizer (after DDP's all-reduce), and how many DDP wrappers outlive
+`close_process_group` (none may: a live one keeps gloo's threads past the interpreter's exit).
 
     python tests/grad_probe.py MODEL OUT.pt ALGORITHM LOSS_TYPE SCALE_REWARDS
 """
+import gc
 import os
 import sys
 
@@ -62,12 +64,19 @@ def step_gradients(model, out, algorithm, loss_type, scale) -> dict:
     return grads
 
 
+def live_ddp_wrappers() -> int:
+    """DDP wrappers still alive; each keeps its process group (and gloo's threads) alive with it."""
+    from torch.nn.parallel import DistributedDataParallel
+    return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+
+
 def main(model, out, algorithm, loss_type, scale):
     grads = step_gradients(model, out, algorithm, loss_type, scale)
     import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save(grads, out)
-    close_process_group()  # the trainer (and its DDP wrapper) is gone by now: the gloo group goes with it
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    close_process_group()  # frees the trainer's reference cycles (its DDP wrapper) before destroying the group
+    if main_process:
+        torch.save({"gradients": grads, "live_ddp_after_close": live_ddp_wrappers()}, out)
 
 
 if __name__ == "__main__":
