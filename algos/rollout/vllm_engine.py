@@ -82,6 +82,26 @@ def logprobs_mode_for(params: SamplingParams) -> str:
     return "processed_logprobs"
 
 
+def model_head_size(model_config) -> int | None:
+    """The attention head size: ``head_dim`` where the config sets it, else hidden_size / num_attention_heads."""
+    size = getattr(model_config, "head_dim", None)
+    hidden, heads = getattr(model_config, "hidden_size", None), getattr(model_config, "num_attention_heads", None)
+    return size or (hidden // heads if hidden and heads else None)
+
+
+def cpu_attention_head_sizes() -> list[int]:
+    """The head sizes vLLM's CPU attention backend runs; empty off CPU (each GPU backend decides there) or
+    where this vLLM keeps the backend elsewhere. vLLM itself only finds out in its first forward pass."""
+    try:
+        from vllm.platforms import current_platform
+        if not current_platform.is_cpu():
+            return []
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return []
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
 def check_settings(model_config, params: SamplingParams, settings: VLLMSettings) -> int:
     """Refuse in one line what cannot work; returns the engine's max_model_len."""
     if settings.mode != "colocate":
@@ -110,6 +130,11 @@ def check_settings(model_config, params: SamplingParams, settings: VLLMSettings)
     if limit and length > limit:
         raise VLLMSetupError(f"vLLM max_model_len {length} exceeds the model's max_position_embeddings {limit}; "
                              "shorten max_prompt_length / max_completion_length")
+    head_size = model_head_size(model_config)
+    runnable = cpu_attention_head_sizes()
+    if head_size and runnable and head_size not in runnable:
+        raise VLLMSetupError(f"vLLM's CPU attention cannot run this model's head size {head_size} (it runs "
+                             f"{', '.join(map(str, runnable))}); pass --use_vllm false")
     return length
 
 
@@ -117,8 +142,7 @@ def kv_cache_bytes(model_config, tokens: int, dtype_bytes: int) -> int:
     """KV-cache bytes for ``tokens`` positions: 2 (K and V) x layers x kv heads x head dim x bytes."""
     c = model_config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes * tokens
+    return 2 * c.num_hidden_layers * heads * model_head_size(c) * dtype_bytes * tokens
 
 
 # Weights ------------------------------------------------------------------------------------------
