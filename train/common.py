@@ -17,6 +17,12 @@ def run(algorithm: str, description: str, argv=None):
     def _train():
         from algos.trainer import RLTrainer
 
-        return RLTrainer(config).train()
+        trainer = RLTrainer(config)
+        summary = trainer.train()
+        # Under ZeRO-2 the DeepSpeed engine stays reachable through its hooks, and with it the process
+        # group, until the interpreter exits; Accelerate's free_memory() destroys it while the interpreter
+        # is alive (train.cli.close_process_group destroys the group next). ZeRO-3 engines outlive it still.
+        trainer.accelerator.free_memory()
+        return summary
 
     return main_guard(_train)
