@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from algos.batch import RolloutBatch  # noqa: E402
 from algos.config import RLConfig  # noqa: E402
@@ -72,7 +73,6 @@ def live_ddp_wrappers() -> int:
 
 def main(model, out, algorithm, loss_type, scale):
     grads = step_gradients(model, out, algorithm, loss_type, scale)
-    import torch.distributed as dist
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     close_process_group()  # frees the trainer's reference cycles (its DDP wrapper) before destroying the group
     if main_process:

@@ -14,8 +14,8 @@ from deploy.bundle import export_bundle
 from deploy.decoder import EfficientDecoder
 from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 evaluate = load_script("scripts/evaluate.py")
+SCRIPT = Path(evaluate.__file__)  # the same script, run as a command by the CLI tests
 
 DECODERS = "plain,lynx,eager,drllm"
 CONFIGS = ["plain", "lynx@0.9", "lynx@0.99", "eager", "drllm"]

@@ -19,8 +19,8 @@ from routers.export import load_router, save_router
 from routers.router import PathRouter
 from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
 export = load_script("scripts/export.py")
+SCRIPT = Path(export.__file__)  # the same script, run as a command by the CLI tests
 
 
 def save_parts(model, where: Path) -> tuple[Path, Path]:
