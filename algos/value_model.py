@@ -20,7 +20,10 @@ class ActorCritic(nn.Module):
         self.policy = policy
         self.shared_backbone = critic_backbone is None
         self.critic_backbone = critic_backbone
-        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        # In the policy's dtype: a policy built under ZeRO-3's zero.Init holds bf16 shards that DeepSpeed
+        # does not cast again, and its optimizer needs one dtype across the parameters it flattens.
+        dtype = next(policy.parameters()).dtype
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
