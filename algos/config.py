@@ -5,11 +5,12 @@ Field names follow TRL's ``GRPOConfig`` where the concept exists (``num_generati
 ``scale_rewards``, ``num_iterations``, ...). Each field's ``help`` is what ``--help`` prints.
 
 The defaults are the headline run, ``accelerate launch train/grpo.py --reward repro``: the thinking
-default model (``smollm2-135m-thinking``, built and cached on first use) on the thinking task, 7 steps of
+default model (``smollm2-135m-thinking``, built and cached on first use) on the thinking task, 12 steps of
 16 completions with vLLM rollouts under bf16 (fp32 on a CPU without fast bf16) and DAPO's dynamic sampling
 (a prompt whose completions all score the same is replaced), held-out accuracy before
-and after, sized to fit 15 minutes with set-up on a 2-core CPU with AVX512-BF16 (about 20 on an AVX2-only
-one). The other configs in ``configs/`` set every field they rely on.
+and after, sized to fit 15 minutes with set-up on a 2-core Intel Xeon with AMX (7 steps, the earlier
+default, fit them on an AMD EPYC with AVX512-BF16 and took 15–18 on an AVX2-only one). The other configs
+in ``configs/`` set every field they rely on.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class RLConfig:
                                    "holds per_device_train_batch_size x gradient_accumulation_steps x "
                                    "steps_per_generation completions per process.")
     num_iterations: int = _f(1, "Passes over each rollout batch (PPO epochs, GRPO's mu).")
-    max_steps: int = _f(7, "Training steps; one step = one rollout batch and its updates.")
+    max_steps: int = _f(12, "Training steps; one step = one rollout batch and its updates.")
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = _f(1e-5, "Policy learning rate (AdamW).")
     critic_learning_rate: float = _f(1e-5, "PPO critic learning rate.")
@@ -202,7 +203,7 @@ class RLConfig:
     dynamic_sampling: bool = _f(True, "DAPO dynamic sampling: drop groups whose rewards are all equal and "
                                 "sample fresh prompts until each process has its share of informative "
                                 "groups (at most dynamic_sampling_max_rounds rounds per step). On by default: "
-                                "the headline's 7 steps of 2 prompts learn with it on the fp32 build (README).")
+                                "the headline's steps of 2 prompts learn with it (README).")
     dynamic_sampling_max_rounds: int = _f(4, "Dynamic sampling: generation rounds per step at most; "
                                           "short after them, the step trains on the groups it has.")
     epsilon: float = _f(0.2, "PPO clip range (lower).")

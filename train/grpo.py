@@ -1,6 +1,6 @@
 """GRPO: group-relative advantages, KL (beta, default 0) in the loss.
 
-    accelerate launch train/grpo.py --reward repro      # the defaults: thinking model and task, vLLM, 7 steps
+    accelerate launch train/grpo.py --reward repro      # the defaults: thinking model and task, vLLM, 12 steps
     accelerate launch train/grpo.py --config configs/quickstart_grpo.yaml
 """
 import os
