@@ -16,17 +16,21 @@ Two things a ``configs/accelerate/zero*.yaml`` launch needs from the trainer (fo
 4. Generation with our own decoders runs the policy once per token. Under ZeRO-3 each of those
    forward passes would gather every layer's parameters again; :func:`gathered_for_generation`
    gathers them once for the whole generation.
+5. A live engine keeps its process group, and a gloo group alive at the interpreter's exit can abort the
+   process. The engines stay reachable after training through their hooks (and, under ZeRO-3, through a
+   module-level stack DeepSpeed never empties), so the entry points release them (:func:`release_engines`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import os
+import sys
 
 import torch
 
 __all__ = ["accelerator_placement", "deepspeed_launch", "fill_deepspeed_config", "gathered_for_generation",
-           "prepare_frozen_model", "zero_stage"]
+           "prepare_frozen_model", "release_engines", "zero_stage"]
 
 
 def deepspeed_launch() -> bool:
@@ -95,3 +99,24 @@ def prepare_frozen_model(model, accelerator):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()  # DeepSpeedEngine.eval returns None
     return engine
+
+
+def release_engines(accelerator) -> None:
+    """Free the run's engines while the interpreter is alive (module doc, item 5), once nothing runs a
+    forward pass any more. Accelerate's ``free_memory()`` destroys what it prepared. Two module-level
+    holders in DeepSpeed 0.19 keep ZeRO-3 models, whose hooks hold their engines: the stack of modules in
+    forward (``FWD_MODULE_STACK`` in deepspeed/runtime/zero/parameter_offload.py, whose bottom entry is never
+    popped) and the class-wide ``functools.lru_cache`` on the parameter coordinator's
+    ``__params_to_release`` (deepspeed/runtime/zero/partitioned_param_coordinator.py), keyed by coordinator
+    and module. Both are emptied; either missing (another DeepSpeed) is skipped."""
+    accelerator.free_memory()
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None and isinstance(getattr(offload, "FWD_MODULE_STACK", None), list):
+        offload.FWD_MODULE_STACK.clear()
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    if coordinator is not None:
+        method = vars(coordinator.PartitionedParameterCoordinator).get(
+            "_PartitionedParameterCoordinator__params_to_release")
+        for cell in getattr(method, "__closure__", None) or ():  # under DeepSpeed's instrument_w_nvtx wrapper
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()

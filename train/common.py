@@ -15,14 +15,14 @@ def run(algorithm: str, description: str, argv=None):
     config = parse_config(argv, prog=prog, description=description, fixed={"algorithm": algorithm})
 
     def _train():
+        from algos.deepspeed_setup import release_engines
         from algos.trainer import RLTrainer
 
         trainer = RLTrainer(config)
         summary = trainer.train()
-        # Under ZeRO-2 the DeepSpeed engine stays reachable through its hooks, and with it the process
-        # group, until the interpreter exits; Accelerate's free_memory() destroys it while the interpreter
-        # is alive (train.cli.close_process_group destroys the group next). ZeRO-3 engines outlive it still.
-        trainer.accelerator.free_memory()
+        # DeepSpeed engines would keep the process group alive until the interpreter exits;
+        # train.cli.close_process_group destroys the group next.
+        release_engines(trainer.accelerator)
         return summary
 
     return main_guard(_train)
