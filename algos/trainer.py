@@ -422,10 +422,12 @@ class RLTrainer:
         head = output_head(unwrapped.policy if actor_critic else unwrapped) if c.logprobs_chunk_size else None
         keep_arg = logits_to_keep(keep, head is not None, input_ids.device)
         values = None
+        prompts = self._shared_prompts(head, prompt_ids, prompt_mask)
         if actor_critic:
-            out, values = model(input_ids, mask, positions, keep, logits_to_keep=keep_arg)
+            split = (prompt_ids, prompt_mask, response_ids, response_mask, prompts) if prompts else None
+            out, values = model(input_ids, mask, positions, keep, logits_to_keep=keep_arg, split=split)
             values = values[:, :-1]
-        elif prompts := self._shared_prompts(head, prompt_ids, prompt_mask):
+        elif prompts:
             out = shared_prompt_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, prompts)
         else:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from algos.shared_prompt import shared_prompt_forward
+
 
 class ActorCritic(nn.Module):
     """Policy and critic in one module, so one optimizer and one Accelerate/DeepSpeed engine
@@ -31,15 +33,23 @@ class ActorCritic(nn.Module):
         own = [] if self.critic_backbone is None else list(self.critic_backbone.parameters())
         return own + list(self.value_head.parameters())
 
-    def forward(self, input_ids, attention_mask, position_ids, keep: int, logits_to_keep=None):
+    def forward(self, input_ids, attention_mask, position_ids, keep: int, logits_to_keep=None, split=None):
         """(the policy's output, values (B, keep) at the last ``keep`` positions). ``logits_to_keep``
         is passed to the policy (default ``keep``); the output carries the hidden states when it is an
-        index (an empty one: no logits, the caller chunks the output layer) or the critic shares the backbone."""
-        logits_to_keep = keep if logits_to_keep is None else logits_to_keep
-        want_hidden = self.shared_backbone or not isinstance(logits_to_keep, int)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, logits_to_keep=logits_to_keep,
-                          use_cache=False, output_hidden_states=want_hidden)
+        index (an empty one: no logits, the caller chunks the output layer) or the critic shares the backbone.
+
+        ``split``: the same rows as ``(prompt_ids, prompt_mask, response_ids, response_mask, prompts)``
+        with ``prompts`` from ``algos.shared_prompt.distinct_prompts``; the policy then runs each distinct
+        prompt once and its completions on that prompt's KV cache (``shared_prompt_forward``: hidden states
+        of the last ``keep`` positions, no logits). A separate critic still runs every row whole."""
+        if split is not None:
+            out = shared_prompt_forward(self.policy, *split[:4], prompts=split[4])
+        else:
+            logits_to_keep = keep if logits_to_keep is None else logits_to_keep
+            want_hidden = self.shared_backbone or not isinstance(logits_to_keep, int)
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, logits_to_keep=logits_to_keep,
+                              use_cache=False, output_hidden_states=want_hidden)
         if self.shared_backbone:
             hidden = out.hidden_states[-1]
         else:
