@@ -47,6 +47,7 @@ def main() -> None:
     from algos.models import load_causal_lm, load_tokenizer, output_head
     from algos.shared_prompt import distinct_prompts, shared_prompt_forward
     from algos.thinking_task import ThinkingTask
+    from algos.trainer import position_ids_from_mask
     from algos.value_model import ActorCritic
 
     if args.threads:
@@ -73,24 +74,21 @@ def main() -> None:
         torch.nn.init.normal_(actor_critic.value_head.weight, std=0.02)  # a head at zero would get no gradient below it
         actor_critic.train()
 
-    full = torch.cat([prompt_mask, mask], dim=1)
-    empty = torch.empty(0, dtype=torch.long)
+    input_ids, full = torch.cat([prompts, response], dim=1), torch.cat([prompt_mask, mask], dim=1)
+    positions, empty = position_ids_from_mask(full), torch.empty(0, dtype=torch.long)
 
     def row_by_row():
         if actor_critic is not None:
-            out, values = actor_critic(torch.cat([prompts, response], dim=1), full,
-                                       (full.cumsum(dim=1) - 1).clamp(min=0), R + 1, logits_to_keep=empty)
+            out, values = actor_critic(input_ids, full, positions, R + 1, logits_to_keep=empty)
             return out.hidden_states[-1][:, -(R + 1):], values
-        out = model(input_ids=torch.cat([prompts, response], dim=1), attention_mask=full,
-                    position_ids=(full.cumsum(dim=1) - 1).clamp(min=0), use_cache=False,
+        out = model(input_ids=input_ids, attention_mask=full, position_ids=positions, use_cache=False,
                     logits_to_keep=empty, output_hidden_states=True)
         return out.hidden_states[-1][:, -(R + 1):], None
 
     def shared():
         if actor_critic is not None:
             split = (prompts, prompt_mask, response, mask, distinct_prompts(prompts, prompt_mask))
-            out, values = actor_critic(torch.cat([prompts, response], dim=1), full,
-                                       (full.cumsum(dim=1) - 1).clamp(min=0), R + 1, logits_to_keep=empty, split=split)
+            out, values = actor_critic(input_ids, full, positions, R + 1, logits_to_keep=empty, split=split)
             return out.hidden_states[-1], values
         return shared_prompt_forward(model, prompts, prompt_mask, response, mask).hidden_states[-1], None
 

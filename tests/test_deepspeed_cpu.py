@@ -27,10 +27,11 @@ def _launch(stage: str, algorithm: str, model_path: str, out: Path, extra: list[
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "REPRO_RL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = ["tests/engine_probe.py", algorithm] if probe else [f"train/{algorithm}.py"]
     result = subprocess.run(
         [str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
          f"configs/accelerate/{stage}.yaml", "--num_processes", "2", "--mixed_precision", mixed_precision,
-         *(["tests/engine_probe.py", algorithm] if probe else [f"train/{algorithm}.py"]), *PLAIN_FLAGS, "--model_name_or_path", model_path, "--reward", reward, "--max_steps", "2",
+         *script, *PLAIN_FLAGS, "--model_name_or_path", model_path, "--reward", reward, "--max_steps", "2",
          "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
          "--num_eval_samples", "0", "--report_to", "none", "--learning_rate", "1e-3", "--output_dir", str(out),
          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
