@@ -160,8 +160,8 @@ class RLConfig:
     shared_prompt_forward: bool = _f(True, "Run each distinct prompt of a micro-batch through the model once "
                                      "and its completions on that prompt's KV cache (Prefix Grouper): the same "
                                      "log-probs and gradients with fewer tokens. Needs --logprobs_chunk_size > 0; "
-                                     "off with --gradient_checkpointing. PPO: the policy's pass (and a "
-                                     "shared critic's); a separate critic runs every row whole.")
+                                     "off with --gradient_checkpointing. PPO: the policy's pass and the critic's "
+                                     "(a shared critic reads the policy's; a separate one shares prompts too).")
     steps_per_generation: int = _f(1, "Optimizer steps per rollout batch and iteration. A rollout batch "
                                    "holds per_device_train_batch_size x gradient_accumulation_steps x "
                                    "steps_per_generation completions per process.")

@@ -38,7 +38,8 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tup
 
 
 def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          response_ids: torch.Tensor, response_mask: torch.Tensor, prompts=None):
+                          response_ids: torch.Tensor, response_mask: torch.Tensor, prompts=None,
+                          bare_decoder: bool = False):
     """The causal LM's last hidden states over prompt + response, as an output with
     ``hidden_states[-1]`` of shape (B, R + 1, H): position 0 is each row's last prompt token, then
     the response's positions (position t predicts response token t, as ``response_logprobs``
@@ -46,14 +47,21 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
 
     Two passes: the distinct prompts (U rows) with ``use_cache``; then the responses, each row on
     its prompt's cache (``DynamicCache.batch_select_indices``, differentiable indexing), at
-    positions that continue its prompt's. ``prompts``: ``distinct_prompts``' result, if the caller has it."""
+    positions that continue its prompt's. ``prompts``: ``distinct_prompts``' result, if the caller has it.
+    ``bare_decoder``: ``model`` is a decoder without an output layer (a separate PPO critic's backbone,
+    ``get_decoder()``), whose output is its ``last_hidden_state``."""
     first, inverse = prompts if prompts is not None else distinct_prompts(prompt_ids, prompt_mask)
     u_mask = prompt_mask[first]
     u_positions = (u_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     empty = torch.empty(0, dtype=torch.long, device=prompt_ids.device)  # no logits: hidden states only
+    head = {} if bare_decoder else {"logits_to_keep": empty, "output_hidden_states": True}
+
+    def last_hidden(out):
+        return out.last_hidden_state if bare_decoder else out.hidden_states[-1]
+
     out = model(input_ids=prompt_ids[first], attention_mask=u_mask, position_ids=u_positions,
-                use_cache=True, logits_to_keep=empty, output_hidden_states=True)
-    last_prompt = out.hidden_states[-1][:, -1:]  # left padding: the last column is every prompt's last token
+                use_cache=True, **head)
+    last_prompt = last_hidden(out)[:, -1:]  # left padding: the last column is every prompt's last token
     cache = out.past_key_values
     if cache is None:
         raise RuntimeError("the model returned no KV cache (activation checkpointing turns it off): "
@@ -62,7 +70,6 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     lengths = prompt_mask.long().sum(dim=1, keepdim=True)
     positions = lengths + torch.arange(response_ids.shape[1], device=response_ids.device)[None]
     out = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
-                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=empty,
-                output_hidden_states=True)
-    hidden = torch.cat([last_prompt[inverse], out.hidden_states[-1]], dim=1)
+                position_ids=positions, past_key_values=cache, use_cache=True, **head)
+    hidden = torch.cat([last_prompt[inverse], last_hidden(out)], dim=1)
     return SimpleNamespace(hidden_states=(hidden,))

@@ -41,7 +41,7 @@ class ActorCritic(nn.Module):
         ``split``: the same rows as ``(prompt_ids, prompt_mask, response_ids, response_mask, prompts)``
         with ``prompts`` from ``algos.shared_prompt.distinct_prompts``; the policy then runs each distinct
         prompt once and its completions on that prompt's KV cache (``shared_prompt_forward``: hidden states
-        of the last ``keep`` positions, no logits). A separate critic still runs every row whole."""
+        of the last ``keep`` positions, no logits); a separate critic's backbone does the same."""
         if split is not None:
             out = shared_prompt_forward(self.policy, *split[:4], prompts=split[4])
         else:
@@ -52,6 +52,9 @@ class ActorCritic(nn.Module):
                               use_cache=False, output_hidden_states=want_hidden)
         if self.shared_backbone:
             hidden = out.hidden_states[-1]
+        elif split is not None:
+            hidden = shared_prompt_forward(self.critic_backbone, *split[:4], prompts=split[4],
+                                           bare_decoder=True).hidden_states[-1]
         else:
             hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=False).last_hidden_state

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     ap.add_argument("--full_threshold", type=float, default=None,
                     help="theta for full EAGER (default: --threshold); the reference runs EAGER-init at about 2.0 "
                          "and the full method at 2.2-2.7")
+    ap.add_argument("--sample_fork", action="store_true",
+                    help="draw both fork tokens of a branch from the policy without replacement (our option; "
+                         "the reference takes top-1 / top-2)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing (0 skips it)")
@@ -81,7 +84,7 @@ def main(argv=None):
     golds = [r["answer"] for r in records]
     eos = [tok.eos_token_id]
     params = EagerParams(max_sequences=args.m, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature)
+                         temperature=args.temperature, sample_fork=args.sample_fork)
 
     def verifier(q, seqs):
         return [is_correct(t, golds[q]) for t in tok.batch_decode([s.token_ids for s in seqs],
@@ -90,7 +93,8 @@ def main(argv=None):
     full_params = params if args.full_threshold is None else replace(params, threshold=args.full_threshold)
     full_theta = "" if args.full_threshold is None else f" (full: {args.full_threshold})"
     print(f"model {args.model} | {len(records)} problems | M={args.m} theta={args.threshold}{full_theta} "
-          f"T={args.temperature} max_new_tokens={args.max_new_tokens} | torch threads {torch.get_num_threads()}")
+          f"T={args.temperature} max_new_tokens={args.max_new_tokens}"
+          f"{' | sampled forks' if args.sample_fork else ''} | torch threads {torch.get_num_threads()}")
     print(f"{'method':<14}{'tokens':>9}{'tok/prompt':>12}{'seq/prompt':>12}{'Pass@k':>8}{'Cons@k':>8}"
           f"{'PassRate':>10}{'wall s':>8}")
     rows = {}

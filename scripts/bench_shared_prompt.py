@@ -8,7 +8,7 @@ on the hidden states), timed ``--repeats`` times each way, alternating, median r
 tokens each way runs, both medians, their ratio, the largest log-prob difference and the relative
 difference of the gradients (both should be float rounding). ``--actor_critic shared|separate`` times
 PPO's actor-critic instead (``algos.value_model.ActorCritic``; the loss adds the mean squared value),
-whose policy pass shares the prompt and whose separate critic runs every row whole.
+whose policy pass shares the prompt, as a separate critic's backbone does.
 
 Example:  python scripts/bench_shared_prompt.py --threads 2
           python scripts/bench_shared_prompt.py --threads 2 --actor_critic separate
@@ -117,9 +117,9 @@ def main() -> None:
     what = "policy" if actor_critic is None else f"actor-critic ({args.actor_critic} critic)"
     print(f"model {args.model or 'default'} | {what} | {B} completions of one prompt | prompt {P} tokens | "
           f"completions {int(lengths.min())}-{R} tokens | threads {torch.get_num_threads()}")
-    critic_tokens = B * (P + R) if args.actor_critic == "separate" else 0  # a separate critic runs whole rows
-    print(f"row by row:    {B * (P + R) + critic_tokens:5d} tokens  fwd+bwd {a:.2f} s")
-    print(f"shared prompt: {P + B * R + critic_tokens:5d} tokens  fwd+bwd {b:.2f} s")
+    passes = 2 if args.actor_critic == "separate" else 1  # a separate critic's backbone runs the rows again
+    print(f"row by row:    {passes * B * (P + R):5d} tokens  fwd+bwd {a:.2f} s")
+    print(f"shared prompt: {passes * (P + B * R):5d} tokens  fwd+bwd {b:.2f} s")
     print(f"speed-up {a / b:.2f}x | max |log-prob diff| {float((logp_a - logp_b).abs().max()):.1e} | "
           f"gradient relative diff {float((grad_a - grad_b).norm() / grad_a.norm()):.1e}")
 

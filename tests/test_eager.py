@@ -263,11 +263,11 @@ def _bench_eager():
 
 def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch, capsys):
     bench = _bench_eager()
-    seen = {}
+    seen, forks = {}, {}
     real = bench.eager_sample
 
     def recording(model, ids, mask, params, eos, mode="init", **kwargs):
-        seen[mode] = params.threshold
+        seen[mode], forks[mode] = params.threshold, params.sample_fork
         return real(model, ids, mask, params, eos, mode=mode, **kwargs)
 
     monkeypatch.setattr(bench, "eager_sample", recording)
@@ -278,6 +278,10 @@ def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch
     assert "theta=2.0 (full: 2.5)" in capsys.readouterr().out
     bench.main(common)  # without it, one theta for every method, as before
     assert seen == {"init": 2.0, "adapt": 2.0, "full": 2.0, "parallel": 2.0}
+    assert set(forks.values()) == {False}                    # the reference's top-1 / top-2 forks
+    bench.main(common + ["--sample_fork"])
+    assert set(forks.values()) == {True}
+    assert "sampled forks" in capsys.readouterr().out
 
 
 def test_bench_refuses_a_negative_threshold(capsys):

@@ -94,8 +94,8 @@ def test_a_training_step_is_the_same_with_and_without_shared_prompts(prefix_mode
 @pytest.mark.parametrize("critic_backbone", ["shared", "separate"])
 def test_a_ppo_step_is_the_same_with_and_without_shared_prompts(prefix_model, tmp_path, monkeypatch, critic_backbone):
     """PPO's actor-critic, 2 prompts x 4 completions in one micro-batch: the policy's pass runs each prompt once
-    (the values of a shared critic read the same hidden states; a separate critic runs whole rows) and the
-    update is the same."""
+    (the values of a shared critic read the same hidden states; a separate critic's backbone shares prompts
+    too) and the update is the same."""
     import algos.value_model
     from algos.trainer import RLTrainer
 
@@ -117,3 +117,42 @@ def test_a_ppo_step_is_the_same_with_and_without_shared_prompts(prefix_model, tm
     assert any(not torch.equal(runs[True][k], base[k]) for k in base)
     for k in base:  # Adam's first step (lr 1e-3) turns rounding in a near-zero gradient into up to 1e-5
         torch.testing.assert_close(runs[True][k], runs[False][k], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("critic_backbone", ["shared", "separate"])
+def test_actor_critic_values_and_gradients_are_the_same_with_shared_prompts(prefix_model, critic_backbone,
+                                                                            monkeypatch):
+    """The critic's values (a non-zero head, so they depend on the hidden states) and every gradient,
+    policy and critic backbone, equal the row-by-row pass; a separate critic's backbone shares prompts too."""
+    import algos.value_model
+    from algos.value_model import ActorCritic
+
+    bare = []
+    monkeypatch.setattr(algos.value_model, "shared_prompt_forward",
+                        lambda *a, **k: bare.append(k.get("bare_decoder", False)) or shared_prompt_forward(*a, **k))
+
+    torch.manual_seed(0)
+    critic = None if critic_backbone == "shared" else load_causal_lm(prefix_model, dtype=torch.float32).get_decoder()
+    model = ActorCritic(load_causal_lm(prefix_model, dtype=torch.float32), critic).train()
+    torch.nn.init.normal_(model.value_head.weight, std=0.5)
+    prompt, prompt_mask, response, response_mask = _batch()
+    ids, mask = torch.cat([prompt, response], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
+    positions, keep = (mask.cumsum(dim=1) - 1).clamp(min=0), response.shape[1] + 1
+    results = {}
+    for shared in (False, True):
+        model.zero_grad()
+        split = (prompt, prompt_mask, response, response_mask, distinct_prompts(prompt, prompt_mask)) if shared else None
+        out, values = model(ids, mask, positions, keep, logits_to_keep=torch.empty(0, dtype=torch.long), split=split)
+        logp = logprobs_from_hidden(out.hidden_states[-1][:, -keep:-1], output_head(model.policy), response,
+                                     temperature=0.7)
+        ((logp * response_mask).sum() + (values[:, :-1] * response_mask).sum()).backward()
+        valid = torch.cat([torch.ones_like(response_mask[:, :1]), response_mask], dim=1).bool()  # not padding
+        results[shared] = values.detach()[valid], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (values, grads), (shared_values, shared_grads) = results[False], results[True]
+    assert bare == ([False] if critic_backbone == "shared" else [False, True])  # the policy, then the critic
+    assert values.abs().sum() > 0
+    torch.testing.assert_close(shared_values, values, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == grads.keys()
+    assert any(n.startswith("critic_backbone.") for n in grads) == (critic_backbone == "separate")
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], atol=1e-5, rtol=1e-4)
