@@ -8,10 +8,11 @@ on the hidden states), timed ``--repeats`` times each way, alternating, median r
 tokens each way runs, both medians, their ratio, the largest log-prob difference and the relative
 difference of the gradients (both should be float rounding). ``--actor_critic shared|separate`` times
 PPO's actor-critic instead (``algos.value_model.ActorCritic``; the loss adds the mean squared value),
-whose policy pass shares the prompt, as a separate critic's backbone does.
+whose policy pass shares the prompt, as a separate critic's backbone does. ``--bf16`` runs the passes under
+bfloat16 autocast, as the trainer's ``--bf16`` does (fp32 weights).
 
 Example:  python scripts/bench_shared_prompt.py --threads 2
-          python scripts/bench_shared_prompt.py --threads 2 --actor_critic separate
+          python scripts/bench_shared_prompt.py --threads 2 --actor_critic separate --bf16
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help="forward passes under bfloat16 autocast, as the trainer's --bf16 (fp32 weights)")
     ap.add_argument("--actor_critic", choices=("none", "shared", "separate"), default="none",
                     help="time PPO's actor-critic with this critic backbone instead of the policy alone")
     args = ap.parse_args()
@@ -97,11 +100,12 @@ def main() -> None:
     def run(forward):
         trained.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        hidden, values = forward()
-        logp = logprobs_from_hidden(hidden[:, :-1], head, response, temperature=0.7) * mask
-        loss = logp.sum() / mask.sum()
-        if values is not None:
-            loss = loss + (values[:, :-1].square() * mask).sum() / mask.sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            hidden, values = forward()
+            logp = logprobs_from_hidden(hidden[:, :-1], head, response, temperature=0.7) * mask
+            loss = logp.sum() / mask.sum()
+            if values is not None:
+                loss = loss + (values[:, :-1].square() * mask).sum() / mask.sum()
         loss.backward()
         seconds = time.perf_counter() - start
         grad = torch.cat([p.grad.flatten() for p in trained.parameters() if p.grad is not None])
@@ -116,7 +120,8 @@ def main() -> None:
     a, b = (statistics.median(times[k]) for k in times)
     what = "policy" if actor_critic is None else f"actor-critic ({args.actor_critic} critic)"
     print(f"model {args.model or 'default'} | {what} | {B} completions of one prompt | prompt {P} tokens | "
-          f"completions {int(lengths.min())}-{R} tokens | threads {torch.get_num_threads()}")
+          f"completions {int(lengths.min())}-{R} tokens | threads {torch.get_num_threads()}"
+          f"{' | bf16 autocast' if args.bf16 else ''}")
     passes = 2 if args.actor_critic == "separate" else 1  # a separate critic's backbone runs the rows again
     print(f"row by row:    {passes * B * (P + R):5d} tokens  fwd+bwd {a:.2f} s")
     print(f"shared prompt: {passes * (P + B * R):5d} tokens  fwd+bwd {b:.2f} s")
