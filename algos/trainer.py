@@ -254,6 +254,7 @@ class RLTrainer:
         self.step = 0
         self.prompts_consumed = 0
         self.entropy_in_update = False
+        self.scoring_seconds = 0.0  # the reward stack's time this step (it runs inside sampling)
         self.tracker = None
         if acc.is_main_process:
             self.tracker = RunTracker(c.output_dir, c.report_to, c.run_name or Path(c.output_dir).name,
@@ -521,9 +522,12 @@ class RLTrainer:
 
     def score(self, batch: RolloutBatch):
         """The reward stack on a rollout batch (completion ids cut at each response's length)."""
+        start = time.perf_counter()
         lengths = batch.response_mask.sum(dim=1)
-        return self.reward(batch.prompts, batch.completions,
-                           [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)], batch.extras)
+        rewards = self.reward(batch.prompts, batch.completions,
+                              [ids[: int(n)].tolist() for ids, n in zip(batch.response_ids, lengths)], batch.extras)
+        self.scoring_seconds += time.perf_counter() - start
+        return rewards
 
     def reward(self, prompt_texts, completions, completion_ids, extras):
         """The reward stack as TRL calls rewards: the dataset's prompts (``extras["prompt"]``), every
@@ -597,8 +601,9 @@ class RLTrainer:
     def training_step(self) -> dict:
         c, acc = self.config, self.accelerator
         t0 = time.perf_counter()
+        self.scoring_seconds = 0.0
         batch, rewards, generated_rewards, sampling_stats = self.sample()
-        t_gen = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t0 - self.scoring_seconds
         mask = batch.response_mask.float()
         lengths = mask.sum(dim=1)
 
@@ -607,7 +612,7 @@ class RLTrainer:
         last = (lengths.long() - 1).clamp(min=0)
         token_rewards = torch.zeros_like(mask)
         token_rewards[torch.arange(len(batch)), last] = scores
-        t_reward = time.perf_counter() - t1
+        t_reward = self.scoring_seconds + time.perf_counter() - t1
 
         t2 = time.perf_counter()
         reuse_rollout = c.num_iterations == 1 and c.steps_per_generation == 1
@@ -632,9 +637,11 @@ class RLTrainer:
             kl = kl_estimate(behaviour, ref_logp, c.kl_kind) * mask
             token_rewards = token_rewards - c.kl_coef * kl
             kl_reward_mean = float(kl.sum() / mask.sum().clamp(min=1))
-        repro_stats, process = {}, None
+        repro_stats, process, t_repro = {}, None, 0.0
         if self.repro is not None:
+            t_repro = time.perf_counter()
             process, repro_stats = self.repro_process_term(batch)
+            t_repro = time.perf_counter() - t_repro
             if c.algorithm == "ppo":  # group-normalised process rewards join the rewards GAE sees
                 token_rewards = token_rewards + c.repro_alpha * process
         scorable = rewards.scorable.to(mask.device)
@@ -642,7 +649,8 @@ class RLTrainer:
         if process is not None and c.algorithm != "ppo":
             advantages = advantages + c.repro_alpha * process
         advantages = advantages * scorable.unsqueeze(1)  # every reward None: no learning signal (TRL)
-        t_prep = time.perf_counter() - t2
+        t_prep = time.perf_counter() - t2 - t_repro  # REPRO's scoring counts as reward time
+        t_reward += t_repro
 
         t3 = time.perf_counter()
         update_stats = self.update(batch, UpdateInputs(advantages, self.loss_mask(batch), old_logp, ref_logp,

@@ -19,6 +19,14 @@ def length_reward(prompts, completions, **kwargs):
     return [len(_text(c)) / 100.0 for c in completions]
 
 
+def slow_length_reward(prompts, completions, **kwargs):
+    """length_reward after a 0.3 s wait: a reward stack whose time the step's metrics must show."""
+    import time
+
+    time.sleep(0.3)
+    return length_reward(prompts, completions)
+
+
 def record_rank(prompts, completions, dataset_index=None, **kwargs):
     """Records which dataset rows this process saw (for the 2-process test), scores length."""
     out_dir = os.environ.get("REPRO_TEST_RECORD_DIR")

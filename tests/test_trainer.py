@@ -37,6 +37,25 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
+def test_step_times_count_every_reward_as_reward_time(tiny_model_path, tmp_path, monkeypatch):
+    """The reward stack runs inside sampling (dynamic sampling needs its scores) and REPRO beside the
+    log-prob pass: both are reward time, not generation or log-prob time, and the four parts fit in
+    the step. The stack waits 0.3 s per sampling round, REPRO's scoring 0.4 s."""
+    import time
+
+    real = RLTrainer.repro_process_term
+    monkeypatch.setattr(RLTrainer, "repro_process_term",
+                        lambda self, batch: time.sleep(0.4) or real(self, batch))
+    RLTrainer(make_config(tiny_model_path, tmp_path, max_steps=1, reward=f"{REWARDS}:slow_length_reward,repro",
+                          repro_top_k=3, dynamic_sampling=True, dynamic_sampling_max_rounds=2,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=2)).train()
+    step = next(m for m in read_metrics(tmp_path) if "loss/policy" in m)
+    assert step["time/reward_seconds"] >= 0.3 * step["dynamic_sampling/rounds"] + 0.4
+    parts = sum(step[f"time/{k}_seconds"] for k in ("generation", "reward", "logprob", "update"))
+    assert step["time/generation_seconds"] > 0 and step["time/logprob_seconds"] >= 0
+    assert parts <= step["time/step_seconds"] + 1e-3
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo", "ppo-shared", "reinforce_pp", "reinforce_pp_baseline"])
 def test_two_steps_of_each_algorithm(tiny_model_path, tmp_path, algorithm):
     before = weights(tiny_model_path)
