@@ -639,9 +639,9 @@ class RLTrainer:
             kl_reward_mean = float(kl.sum() / mask.sum().clamp(min=1))
         repro_stats, process, t_repro = {}, None, 0.0
         if self.repro is not None:
-            t_repro = time.perf_counter()
+            repro_start = time.perf_counter()
             process, repro_stats = self.repro_process_term(batch)
-            t_repro = time.perf_counter() - t_repro
+            t_repro = time.perf_counter() - repro_start
             if c.algorithm == "ppo":  # group-normalised process rewards join the rewards GAE sees
                 token_rewards = token_rewards + c.repro_alpha * process
         scorable = rewards.scorable.to(mask.device)
