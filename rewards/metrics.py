@@ -5,10 +5,14 @@ prompt. Answers are the last ``\\boxed{}``; grading by :func:`rewards.verify.is_
   Cons@k   = mean over prompts of [the majority answer is correct]   (ties: first answer reaching
              the top count; samples without an answer do not vote)
   PassRate = mean over prompts of (correct samples / samples)
+
+Two methods run on the same prompts are compared per prompt (:func:`paired_pass_difference`).
 """
 from __future__ import annotations
 
 from collections import Counter
+
+import torch
 
 from rewards.verify import extract_boxed, is_correct
 
@@ -42,3 +46,23 @@ def sample_metrics(groups: list[list[str]], golds: list[str]) -> dict[str, float
     n = len(groups)
     return {"pass_at_k": passed / n, "cons_at_k": cons / n, "pass_rate": rate / n,
             "samples_per_prompt": sum(len(g) for g in groups) / n}
+
+
+def paired_pass_difference(solved_a: list[bool], solved_b: list[bool], level: float = 0.95,
+                           samples: int = 2000, seed: int = 0) -> dict:
+    """Two methods' per-prompt solved flags on the same prompts: the four counts (both, a only, b only,
+    neither), the Pass@k difference ``mean(a - b)`` and its percentile bootstrap interval, resampling
+    prompts with replacement (the pair is the unit; Efron & Tibshirani, *An Introduction to the
+    Bootstrap*, ch. 13)."""
+    if len(solved_a) != len(solved_b) or not solved_a:
+        raise ValueError(f"paired_pass_difference needs the same prompts for both methods, got "
+                         f"{len(solved_a)} and {len(solved_b)}")
+    a = torch.tensor(solved_a, dtype=torch.bool)
+    b = torch.tensor(solved_b, dtype=torch.bool)
+    diff = a.float() - b.float()
+    draws = torch.randint(len(diff), (samples, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[draws].mean(1)
+    tail = (1 - level) / 2
+    return {"both": int((a & b).sum()), "a_only": int((a & ~b).sum()), "b_only": int((~a & b).sum()),
+            "neither": int((~a & ~b).sum()), "difference": float(diff.mean()),
+            "interval": (float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail)))}

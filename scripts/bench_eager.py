@@ -4,7 +4,9 @@
     full EAGER (verifier = the gold answer; at --full_threshold when given, as the reference runs the full
     method at a higher theta than EAGER-init) and full parallel sampling at the same M, on held-out
     problems (default: 50 held-out problems of the quickstart's arithmetic task; --dataset thinking for the
-    thinking task's, with --model smollm2-135m-thinking);
+    thinking task's, with --model smollm2-135m-thinking); then full EAGER against parallel problem by
+    problem (solved by both, by one only, by neither) with a 95% bootstrap interval of their Pass@k
+    difference over problems;
 (b) wall time of the batched decoder versus the same algorithm run one prompt at a time.
 
     python scripts/bench_eager.py --model runs/quickstart_grpo/final --num_problems 50 --m 8
@@ -27,7 +29,7 @@ from algos.rollout.eager_budget import eager_sample  # noqa: E402
 from algos.rollout.eager_engine import end_think_ids  # noqa: E402
 from algos.device import add_device_arguments, resolve_device_dtype  # noqa: E402
 from algos.models import load_causal_lm, load_tokenizer  # noqa: E402
-from rewards.metrics import sample_metrics  # noqa: E402
+from rewards.metrics import paired_pass_difference, sample_metrics  # noqa: E402
 from rewards.verify import is_correct  # noqa: E402
 
 
@@ -50,6 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--sample_fork", action="store_true",
                     help="draw both fork tokens of a branch from the policy without replacement (our option; "
                          "the reference takes top-1 / top-2)")
+    ap.add_argument("--dynamic_threshold", action="store_true",
+                    help="theta_eff = max(theta, 99th percentile of the prompt's entropies so far), on in the "
+                         "reference (the trainer's --eager_dynamic_threshold)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--timing_prompts", type=int, default=16, help="prompts for the batched-vs-serial timing (0 skips it)")
@@ -84,7 +89,8 @@ def main(argv=None):
     golds = [r["answer"] for r in records]
     eos = [tok.eos_token_id]
     params = EagerParams(max_sequences=args.m, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, sample_fork=args.sample_fork)
+                         temperature=args.temperature, sample_fork=args.sample_fork,
+                         dynamic_threshold=args.dynamic_threshold)
 
     def verifier(q, seqs):
         return [is_correct(t, golds[q]) for t in tok.batch_decode([s.token_ids for s in seqs],
@@ -94,10 +100,11 @@ def main(argv=None):
     full_theta = "" if args.full_threshold is None else f" (full: {args.full_threshold})"
     print(f"model {args.model} | {len(records)} problems | M={args.m} theta={args.threshold}{full_theta} "
           f"T={args.temperature} max_new_tokens={args.max_new_tokens}"
-          f"{' | sampled forks' if args.sample_fork else ''} | torch threads {torch.get_num_threads()}")
+          f"{' | sampled forks' if args.sample_fork else ''}{' | dynamic threshold' if args.dynamic_threshold else ''}"
+          f" | torch threads {torch.get_num_threads()}")
     print(f"{'method':<14}{'tokens':>9}{'tok/prompt':>12}{'seq/prompt':>12}{'Pass@k':>8}{'Cons@k':>8}"
           f"{'PassRate':>10}{'wall s':>8}")
-    rows = {}
+    rows, solved = {}, {}
     for mode in ("init", "adapt", "full", "parallel"):
         t0 = time.perf_counter()
         result = eager_sample(model, ids, mask, full_params if mode == "full" else params, eos, mode=mode, verifier=verifier,
@@ -108,10 +115,16 @@ def main(argv=None):
         m = sample_metrics(groups, golds)
         tokens = sum(s.generated_tokens for s in result.sequences)  # a child's copied prefix is not generated
         rows[mode] = tokens
+        solved[mode] = [any(is_correct(c, gold) for c in group) for group, gold in zip(groups, golds)]
         print(f"{mode:<14}{tokens:>9}{tokens / len(prompts):>12.1f}{m['samples_per_prompt']:>12.2f}"
               f"{m['pass_at_k']:>8.3f}{m['cons_at_k']:>8.3f}{m['pass_rate']:>10.3f}{wall:>8.1f}")
     for mode in ("init", "adapt", "full"):
         print(f"tokens {mode} / parallel: {rows[mode] / rows['parallel']:.3f}")
+    pair = paired_pass_difference(solved["full"], solved["parallel"])
+    low, high = pair["interval"]
+    print(f"full vs parallel, problem by problem: both {pair['both']}, full only {pair['a_only']}, "
+          f"parallel only {pair['b_only']}, neither {pair['neither']}; Pass@k difference {pair['difference']:+.3f}, "
+          f"95% bootstrap interval over problems [{low:+.3f}, {high:+.3f}]")
 
     # (b) batched across prompts vs one prompt at a time: same algorithm, same settings.
     n = min(args.timing_prompts, len(prompts))

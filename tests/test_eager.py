@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from algos.rollout.eager_engine import EagerEngine, EagerSettings
 from algos.logprobs import logprobs_from_logits
 from algos.models import load_tokenizer
 from algos.rollout import SamplingParams
-from rewards.metrics import majority_answer, sample_metrics
+from rewards.metrics import majority_answer, paired_pass_difference, sample_metrics
 from plain_settings import PLAIN
 from script_loader import load_script
 
@@ -171,6 +172,19 @@ def test_sample_metrics_by_hand():
     assert majority_answer(["none"]) is None
 
 
+def test_paired_pass_difference_by_hand():
+    pair = paired_pass_difference([True, True, False, False, True], [True, False, True, False, False])
+    assert (pair["both"], pair["a_only"], pair["b_only"], pair["neither"]) == (1, 2, 1, 1)
+    assert pair["difference"] == pytest.approx(1 / 5)
+    # every prompt solved by a only: each resample's difference is 1; equal flags: 0
+    assert paired_pass_difference([True] * 3, [False] * 3)["interval"] == (1.0, 1.0)
+    assert paired_pass_difference([True, False], [True, False])["interval"] == (0.0, 0.0)
+    # two prompts, one a-only: a resample's mean is 0, 0.5 or 1 (1/4, 1/2, 1/4), so the 95% interval is [0, 1]
+    assert paired_pass_difference([True, False], [False, False])["interval"] == (0.0, 1.0)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_pass_difference([True], [True, False])
+
+
 def test_engine_logprobs_are_the_policys(model, tok):
     """Behaviour log-probs (also of deterministic fork tokens) equal a fresh forward pass."""
     engine = EagerEngine(tok, SamplingParams(max_new_tokens=8, temperature=0.7),
@@ -261,13 +275,13 @@ def _bench_eager():
     return load_script("scripts/bench_eager.py")
 
 
-def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch, capsys):
+def test_bench_passes_its_options_to_every_method(tiny_model_path, monkeypatch, capsys):
     bench = _bench_eager()
-    seen, forks = {}, {}
+    seen, forks, dynamic = {}, {}, {}
     real = bench.eager_sample
 
     def recording(model, ids, mask, params, eos, mode="init", **kwargs):
-        seen[mode], forks[mode] = params.threshold, params.sample_fork
+        seen[mode], forks[mode], dynamic[mode] = params.threshold, params.sample_fork, params.dynamic_threshold
         return real(model, ids, mask, params, eos, mode=mode, **kwargs)
 
     monkeypatch.setattr(bench, "eager_sample", recording)
@@ -275,13 +289,20 @@ def test_bench_runs_full_eager_at_its_own_threshold(tiny_model_path, monkeypatch
               "--timing_prompts", "0", "--threshold", "2.0"]
     bench.main(common + ["--full_threshold", "2.5"])
     assert seen == {"init": 2.0, "adapt": 2.0, "full": 2.5, "parallel": 2.0}
-    assert "theta=2.0 (full: 2.5)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "theta=2.0 (full: 2.5)" in out
+    counts = re.search(r"both (\d+), full only (\d+), parallel only (\d+), neither (\d+)", out)
+    assert counts and sum(map(int, counts.groups())) == 2    # every problem in exactly one cell
     bench.main(common)  # without it, one theta for every method, as before
     assert seen == {"init": 2.0, "adapt": 2.0, "full": 2.0, "parallel": 2.0}
     assert set(forks.values()) == {False}                    # the reference's top-1 / top-2 forks
+    assert set(dynamic.values()) == {False}
     bench.main(common + ["--sample_fork"])
     assert set(forks.values()) == {True}
     assert "sampled forks" in capsys.readouterr().out
+    bench.main(common + ["--dynamic_threshold"])             # the reference's default, every method
+    assert set(dynamic.values()) == {True} and set(forks.values()) == {False}
+    assert "dynamic threshold" in capsys.readouterr().out
 
 
 def test_bench_refuses_a_negative_threshold(capsys):
