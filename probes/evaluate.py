@@ -27,27 +27,12 @@ from tqdm.auto import tqdm
 from algos.data import build_prompt
 from algos.hf_compat import cache_arg
 from probes.early_exit import NeverExit, lynx_generate
+from rewards.metrics import bootstrap_rate_interval
 from rewards.verify import is_correct
 
 
 def _rate(mask: torch.Tensor) -> float:
     return float(mask.float().mean().item()) if mask.numel() else math.nan
-
-
-def bootstrap_rate_interval(hits: torch.Tensor, groups: torch.Tensor, level: float = 0.95,
-                            samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``hits.mean()`` resampling whole groups (problems) with
-    replacement: events of one rollout are correlated, so the problem is the unit (Efron & Tibshirani,
-    *An Introduction to the Bootstrap*, ch. 13). Returns (nan, nan) without events."""
-    if not hits.numel():
-        return math.nan, math.nan
-    ids, group_index = torch.unique(groups, return_inverse=True)
-    count = torch.zeros(len(ids)).index_add_(0, group_index, torch.ones(len(hits)))
-    total = torch.zeros(len(ids)).index_add_(0, group_index, hits.float())
-    draws = torch.randint(len(ids), (samples, len(ids)), generator=torch.Generator().manual_seed(seed))
-    rates = total[draws].sum(1) / count[draws].sum(1)
-    tail = (1 - level) / 2
-    return float(torch.quantile(rates, tail)), float(torch.quantile(rates, 1 - tail))
 
 
 @torch.no_grad()

@@ -6,10 +6,12 @@ prompt. Answers are the last ``\\boxed{}``; grading by :func:`rewards.verify.is_
              the top count; samples without an answer do not vote)
   PassRate = mean over prompts of (correct samples / samples)
 
-Two methods run on the same prompts are compared per prompt (:func:`paired_pass_difference`).
+Two methods run on the same prompts are compared per prompt (:func:`paired_pass_difference`), with the
+percentile bootstrap over groups that LYNX's premature-exit rate also uses (:func:`bootstrap_rate_interval`).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -48,6 +50,22 @@ def sample_metrics(groups: list[list[str]], golds: list[str]) -> dict[str, float
             "samples_per_prompt": sum(len(g) for g in groups) / n}
 
 
+def bootstrap_rate_interval(hits: torch.Tensor, groups: torch.Tensor, level: float = 0.95,
+                            samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``hits.mean()`` resampling whole groups (problems) with
+    replacement: events of one rollout are correlated, so the problem is the unit (Efron & Tibshirani,
+    *An Introduction to the Bootstrap*, ch. 13). Returns (nan, nan) without events."""
+    if not hits.numel():
+        return math.nan, math.nan
+    ids, group_index = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(len(ids)).index_add_(0, group_index, torch.ones(len(hits)))
+    total = torch.zeros(len(ids)).index_add_(0, group_index, hits.float())
+    draws = torch.randint(len(ids), (samples, len(ids)), generator=torch.Generator().manual_seed(seed))
+    rates = total[draws].sum(1) / count[draws].sum(1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(rates, tail)), float(torch.quantile(rates, 1 - tail))
+
+
 def paired_pass_difference(solved_a: list[bool], solved_b: list[bool], level: float = 0.95,
                            samples: int = 2000, seed: int = 0) -> dict:
     """Two methods' per-prompt solved flags on the same prompts: the four counts (both, a only, b only,
@@ -60,9 +78,6 @@ def paired_pass_difference(solved_a: list[bool], solved_b: list[bool], level: fl
     a = torch.tensor(solved_a, dtype=torch.bool)
     b = torch.tensor(solved_b, dtype=torch.bool)
     diff = a.float() - b.float()
-    draws = torch.randint(len(diff), (samples, len(diff)), generator=torch.Generator().manual_seed(seed))
-    means = diff[draws].mean(1)
-    tail = (1 - level) / 2
     return {"both": int((a & b).sum()), "a_only": int((a & ~b).sum()), "b_only": int((~a & b).sum()),
             "neither": int((~a & ~b).sum()), "difference": float(diff.mean()),
-            "interval": (float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail)))}
+            "interval": bootstrap_rate_interval(diff, torch.arange(len(diff)), level, samples, seed)}
