@@ -85,61 +85,80 @@ def recompute_features(model, tokenizer, events, prompts: dict[int, str], respon
 
 
 @torch.no_grad()
+def sample_seed(seed: int, start: int, sample: int) -> int:
+    """Generator seed of the batch starting at problem ``start`` in sampling pass ``sample``
+    (pass 0 keeps the single-pass seeds ``seed * 1_000_003 + start``)."""
+    return seed * 1_000_003 + start + sample * 100_003
+
+
 def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_template: str,
                       max_new_tokens: int, batch_size: int = 8, stop_at_answer_close: bool = True,
                       require_boxed: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                      progress: bool = True) -> list[dict]:
+                      samples: int = 1, progress: bool = True) -> list[dict]:
     """Decoding of ``records`` without exits and with the probe at each confidence: greedy, or sampled
     at ``temperature`` > 0 with ``top_p`` (how R1-style models are run). Sampled arms draw from the
     same seeded generator per batch, and ``lynx_generate`` draws one token per row at every step
     whatever the rows do, so an exit arm follows the no-exit arm's trajectory up to its exit (a
-    paired comparison); the answer after an exit is greedy.
+    paired comparison); the answer after an exit is greedy. ``samples`` > 1 (sampled decoding only)
+    decodes every problem that many times per arm, pass s with seeds :func:`sample_seed`.
 
-    Returns one dict per arm: accuracy, mean new tokens, exit rate, and for the exit arms the
-    relative token change against the no-exit arm and the number of problems the no-exit arm
-    solves but the exit arm does not (trajectory-level premature exits).
+    Returns one dict per arm, over the ``problems x samples`` rollouts: accuracy, mean new tokens,
+    exit rate, and for the exit arms the relative token change against the no-exit arm, the
+    rollouts the no-exit arm solves and the exit arm does not (``lost_by_exit``, trajectory-level
+    premature exits) and the reverse (``gained_by_exit``), and the accuracy change with its 95%
+    percentile bootstrap interval resampling problems (a problem's samples stay together).
     """
+    samples = int(samples)
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        raise ValueError(f"samples must be >= 1, and > 1 only with sampled decoding (temperature > 0); "
+                         f"got samples={samples}, temperature={temperature}")
     prompts = [build_prompt(tokenizer, r["question"], prompt_template) for r in records]
     device = next(model.parameters()).device
     arms = [None, *confidences]
-    bar = tqdm(total=len(arms) * len(records), desc="evaluate: decoding", unit="problem", disable=not progress)
+    rollouts = len(records) * samples
+    bar = tqdm(total=len(arms) * rollouts, desc="evaluate: decoding", unit="rollout", disable=not progress)
     results, base = [], None
     for c in arms:
-        correct, tokens, exited = [], [], []
-        for start in range(0, len(records), batch_size):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False, padding_side="left")
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            sampling = {}
-            if temperature > 0:
-                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                generator=torch.Generator(device=device).manual_seed(seed * 1_000_003 + start))
-            if c is None:
-                out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
-                                    max_new_tokens=max_new_tokens, **sampling)
-            else:
-                out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
-                                    max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close,
-                                    **sampling)
-            width = ids.shape[1]
-            for b, stats in enumerate(out.stats):
-                text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)
-                correct.append(is_correct(text, records[start + b]["answer"], require_boxed=require_boxed))
-                tokens.append(stats.new_tokens)
-                exited.append(stats.exited)
-            bar.update(len(out.stats))
+        correct, tokens, exited, problem = [], [], [], []
+        for s in range(samples):
+            for start in range(0, len(records), batch_size):
+                enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False, padding_side="left")
+                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                sampling = {}
+                if temperature > 0:
+                    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                    generator=torch.Generator(device=device).manual_seed(sample_seed(seed, start, s)))
+                if c is None:
+                    out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
+                                        max_new_tokens=max_new_tokens, **sampling)
+                else:
+                    out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
+                                        max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close,
+                                        **sampling)
+                width = ids.shape[1]
+                for b, stats in enumerate(out.stats):
+                    text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)
+                    correct.append(is_correct(text, records[start + b]["answer"], require_boxed=require_boxed))
+                    tokens.append(stats.new_tokens)
+                    exited.append(stats.exited)
+                    problem.append(start + b)
+                bar.update(len(out.stats))
         row = {"arm": "no exit" if c is None else f"c={c}", "confidence": c, "problems": len(records),
-               "accuracy": sum(correct) / len(records), "mean_new_tokens": sum(tokens) / len(records),
-               "exit_rate": sum(exited) / len(records)}
+               "samples": samples, "accuracy": sum(correct) / rollouts, "mean_new_tokens": sum(tokens) / rollouts,
+               "exit_rate": sum(exited) / rollouts}
         if base is None:
             base = (correct, row["mean_new_tokens"])
         else:
             row["token_change"] = row["mean_new_tokens"] / base[1] - 1 if base[1] else math.nan
             row["lost_by_exit"] = sum(1 for b, x, e in zip(base[0], correct, exited) if b and e and not x)
             row["gained_by_exit"] = sum(1 for b, x, e in zip(base[0], correct, exited) if not b and e and x)
+            change = torch.tensor(correct, dtype=torch.float32) - torch.tensor(base[0], dtype=torch.float32)
+            row["accuracy_change"] = float(change.mean())
+            row["accuracy_change_ci95"] = bootstrap_rate_interval(change, torch.tensor(problem))
         results.append(row)
     bar.close()
     return results
 
 
-__all__ = ["bootstrap_rate_interval", "evaluate_decoding", "premature_exit_rates", "recompute_features"]
+__all__ = ["bootstrap_rate_interval", "evaluate_decoding", "premature_exit_rates", "recompute_features", "sample_seed"]

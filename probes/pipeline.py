@@ -91,6 +91,7 @@ class LynxJobConfig:
     exit_label: str = "forced"  # forced (LYNX) or no_regret (probes.collect.EXIT_LABELS)
     eval_temperature: float = 0.0  # held-out decoding: 0 greedy, else sampled (every arm with the same seeds)
     eval_top_p: float = 0.95
+    eval_samples: int = 1  # sampled held-out decoding: rollouts per problem and arm (seeds evaluate.sample_seed)
     probe: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     seed: int = 0
     progress: bool = True
@@ -117,6 +118,9 @@ def validate(cfg: LynxJobConfig) -> None:
         (cfg.eval_temperature >= 0 and 0 < cfg.eval_top_p <= 1,
          f"--eval_temperature must be >= 0 and --eval_top_p in (0, 1], got {cfg.eval_temperature}, {cfg.eval_top_p}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (cfg.eval_samples >= 1 and (cfg.eval_samples == 1 or cfg.eval_temperature > 0),
+         f"--eval_samples must be >= 1, and > 1 only with --eval_temperature > 0 (greedy decoding repeats itself), "
+         f"got {cfg.eval_samples} at temperature {cfg.eval_temperature}"),
         (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
         ("{question}" in cfg.prompt_template, "--prompt_template must contain {question}"),
         (out != data and out not in data.parents and data not in out.parents,
@@ -280,8 +284,9 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
 
     evaluation = None
     if held:
+        times = f" x {cfg.eval_samples} samples" if cfg.eval_samples > 1 else ""
         t0 = _phase(5, "evaluate", f"{len(held)} held-out problems: premature exits on {len(test_events)} events, "
-                                   f"{decoding_label(cfg.eval_temperature, cfg.eval_top_p)} decoding without exits "
+                                   f"{decoding_label(cfg.eval_temperature, cfg.eval_top_p)} decoding{times} without exits "
                                    f"and at c = {', '.join(map(str, cfg.eval_confidences))}")
         p_test = bundle.score(test_events.features) if len(test_events) else torch.zeros(0)
         evaluation = {
@@ -294,7 +299,8 @@ def run_lynx_job(cfg: LynxJobConfig) -> dict:
                                           prompt_template=cfg.prompt_template, max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.eval_batch_size, stop_at_answer_close=cfg.stop_at_answer_close,
                                           require_boxed=cfg.eval_require_boxed, temperature=cfg.eval_temperature,
-                                          top_p=cfg.eval_top_p, seed=cfg.seed, progress=cfg.progress),
+                                          top_p=cfg.eval_top_p, seed=cfg.seed, samples=cfg.eval_samples,
+                                          progress=cfg.progress),
         }
         timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
     else:
@@ -354,10 +360,17 @@ def format_summary(s: dict) -> str:
         job = s.get("job", {})
         how = decoding_label(job.get("eval_temperature"), job.get("eval_top_p"))
         how += ", the same seeds in every arm" if job.get("eval_temperature") else ""
+        k = ev["decoding"][0].get("samples", 1) if ev["decoding"] else 1
+        how += f", {k} samples per problem" if k > 1 else ""
         lines.append(f"held-out decoding ({how}):")
         for r in ev["decoding"]:
-            extra = (f", tokens {r['token_change']:+.1%}, lost {r['lost_by_exit']} / gained {r['gained_by_exit']} "
-                     "problems by exiting" if "token_change" in r else "")
+            extra = ""
+            if "token_change" in r:
+                extra = (f", tokens {r['token_change']:+.1%}, lost {r['lost_by_exit']} / gained {r['gained_by_exit']} "
+                         f"{'rollouts' if k > 1 else 'problems'} by exiting")
+            if "accuracy_change" in r:
+                lo, hi = r["accuracy_change_ci95"]
+                extra += f", accuracy {100 * r['accuracy_change']:+.1f} points [95% CI {100 * lo:+.1f}, {100 * hi:+.1f}]"
             lines.append(f"  {r['arm']:<8} accuracy {r['accuracy']:.3f}  mean new tokens {r['mean_new_tokens']:.1f}  "
                          f"exit rate {r['exit_rate']:.2f}{extra}")
     lines.append("time         " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in s["timings"].items()))

@@ -332,7 +332,7 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--model_name_or_path", "--confidence", "--cue_preset", "--num_eval_problems", "--data_dir",
-                 "--exit_label", "--eval_temperature", "--eval_top_p"):
+                 "--exit_label", "--eval_temperature", "--eval_top_p", "--eval_samples"):
         assert flag in help_text
     out = tmp_path / "lynx"
     for argv, needle in [(["--confidence", "1.5"], "--confidence must be in (0, 1)"),
@@ -349,3 +349,55 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists() and not (tmp_path / "lynx-events").exists()
+
+
+def test_job_decodes_each_held_out_problem_several_times_with_paired_seeds(tiny_model_path, tmp_path, monkeypatch):
+    import probes.evaluate as evaluate_mod
+    from probes.evaluate import sample_seed
+
+    monkeypatch.setattr(collect_mod, "is_correct", lambda text, gold, require_boxed=True: int(gold) % 2 == 0)
+    monkeypatch.setattr(evaluate_mod, "is_correct", lambda text, gold, require_boxed=True: _fake_grader(text, gold))
+    seeds, real_generate = [], evaluate_mod.lynx_generate
+
+    def recording_generate(*args, generator=None, **kwargs):
+        seeds.append(generator.initial_seed())
+        return real_generate(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "lynx_generate", recording_generate)
+    cfg = _job(tmp_path, tiny_model_path, eval_temperature=1.0, eval_samples=2, eval_batch_size=3, seed=5)
+    summary = run_lynx_job(cfg)
+    rows = summary["evaluation"]["decoding"]
+    # 4 held-out problems in batches of 3 (starts 0 and 3), two passes, the same seeds in each of the 3 arms;
+    # pass 0 keeps the single-pass seeds
+    per_arm = [5 * 1_000_003, 5 * 1_000_003 + 3, sample_seed(5, 0, 1), sample_seed(5, 3, 1)]
+    assert per_arm[1] == sample_seed(5, 3, 0) and len(set(per_arm)) == 4
+    assert seeds == per_arm * 3
+    for r in rows:
+        assert r["problems"] == 4 and r["samples"] == 2
+    # a calibration that exits at the first cue (q_continue = 0, q_safe = 1) and a cue most rollouts meet
+    from dataclasses import replace
+
+    from probes.conformal import ConformalCalibration
+    from probes.pipeline import load_problems
+
+    model, tok = load_causal_lm(tiny_model_path).eval(), load_tokenizer(tiny_model_path)
+    bundle = replace(load_probe(tmp_path / "lynx", model=model),
+                     calibration=ConformalCalibration([1.0] * 50, [0.0] * 50), cue_config=_config().cue_config)
+    _, held = load_problems(cfg)
+    rows = evaluate_mod.evaluate_decoding(model, tok, bundle, held, (0.9,), prompt_template=cfg.prompt_template,
+                                          max_new_tokens=10, batch_size=3, temperature=1.0, top_p=0.95, seed=5,
+                                          samples=3, progress=False)
+    exit_arm = rows[1]
+    assert exit_arm["samples"] == 3 and exit_arm["exit_rate"] > 0
+    # an exit arm follows the no-exit trajectory wherever it does not exit: only exits change a grade
+    assert exit_arm["accuracy_change"] == pytest.approx((exit_arm["gained_by_exit"] - exit_arm["lost_by_exit"]) / 12)
+    assert exit_arm["accuracy_change"] == pytest.approx(exit_arm["accuracy"] - rows[0]["accuracy"])
+    lo, hi = exit_arm["accuracy_change_ci95"]
+    assert lo <= exit_arm["accuracy_change"] <= hi
+    with pytest.raises(ValueError, match="samples"):
+        evaluate_mod.evaluate_decoding(model, tok, bundle, held, (0.9,), prompt_template=cfg.prompt_template,
+                                       max_new_tokens=10, samples=2, progress=False)
+    text = format_summary(summary)
+    assert "2 samples per problem" in text and "points [95% CI" in text and "rollouts by exiting" in text
+    with pytest.raises(LynxJobError, match="--eval_samples"):
+        run_lynx_job(_job(tmp_path / "greedy", tiny_model_path, eval_samples=2))

@@ -97,6 +97,9 @@ def parse_args(argv=None):
       help="held-out decoding: 0 is greedy; > 0 samples at this temperature with --eval_top_p (how R1-style models "
            "are run), every arm with the same seeds, so an exit arm follows the no-exit trajectory up to its exit")
     a("--eval_top_p", type=float, default=d.eval_top_p, help="nucleus sampling of the held-out decoding (with --eval_temperature)")
+    a("--eval_samples", type=int, default=d.eval_samples,
+      help="sampled held-out decoding: rollouts per problem in every arm (other seeds per pass; pass 0 is the "
+           "single-pass run), for a tighter accuracy comparison; needs --eval_temperature > 0")
     a("--exit_label", default=d.exit_label, choices=("forced", "no_regret"),
       help="how a cue event is labelled safe: 'forced' (LYNX: the forced answer is correct) or 'no_regret' (the forced "
            "answer is correct, or the rollout's own answer is wrong, so exiting costs nothing); the conformal bound "
