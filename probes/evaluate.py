@@ -84,13 +84,13 @@ def recompute_features(model, tokenizer, events, prompts: dict[int, str], respon
     return features
 
 
-@torch.no_grad()
 def sample_seed(seed: int, start: int, sample: int) -> int:
     """Generator seed of the batch starting at problem ``start`` in sampling pass ``sample``
     (pass 0 keeps the single-pass seeds ``seed * 1_000_003 + start``)."""
     return seed * 1_000_003 + start + sample * 100_003
 
 
+@torch.no_grad()
 def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_template: str,
                       max_new_tokens: int, batch_size: int = 8, stop_at_answer_close: bool = True,
                       require_boxed: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
