@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+from itertools import product
 
 import torch
 from tqdm.auto import tqdm
@@ -120,30 +121,29 @@ def evaluate_decoding(model, tokenizer, bundle, records, confidences, *, prompt_
     results, base = [], None
     for c in arms:
         correct, tokens, exited, problem = [], [], [], []
-        for s in range(samples):
-            for start in range(0, len(records), batch_size):
-                enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False, padding_side="left")
-                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-                sampling = {}
-                if temperature > 0:
-                    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                    generator=torch.Generator(device=device).manual_seed(sample_seed(seed, start, s)))
-                if c is None:
-                    out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
-                                        max_new_tokens=max_new_tokens, **sampling)
-                else:
-                    out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
-                                        max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close,
-                                        **sampling)
-                width = ids.shape[1]
-                for b, stats in enumerate(out.stats):
-                    text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)
-                    correct.append(is_correct(text, records[start + b]["answer"], require_boxed=require_boxed))
-                    tokens.append(stats.new_tokens)
-                    exited.append(stats.exited)
-                    problem.append(start + b)
-                bar.update(len(out.stats))
+        for s, start in product(range(samples), range(0, len(records), batch_size)):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False, padding_side="left")
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            sampling = {}
+            if temperature > 0:
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                generator=torch.Generator(device=device).manual_seed(sample_seed(seed, start, s)))
+            if c is None:
+                out = lynx_generate(model, tokenizer, ids, mask, policy=NeverExit(), cue_config=bundle.cue_config,
+                                    max_new_tokens=max_new_tokens, **sampling)
+            else:
+                out = lynx_generate(model, tokenizer, ids, mask, probe=bundle, confidence=c,
+                                    max_new_tokens=max_new_tokens, stop_at_answer_close=stop_at_answer_close,
+                                    **sampling)
+            width = ids.shape[1]
+            for b, stats in enumerate(out.stats):
+                text = tokenizer.decode(out.sequences[b, width:width + stats.new_tokens], skip_special_tokens=True)
+                correct.append(is_correct(text, records[start + b]["answer"], require_boxed=require_boxed))
+                tokens.append(stats.new_tokens)
+                exited.append(stats.exited)
+                problem.append(start + b)
+            bar.update(len(out.stats))
         row = {"arm": "no exit" if c is None else f"c={c}", "confidence": c, "problems": len(records),
                "samples": samples, "accuracy": sum(correct) / rollouts, "mean_new_tokens": sum(tokens) / rollouts,
                "exit_rate": sum(exited) / rollouts}

@@ -360,7 +360,7 @@ def format_summary(s: dict) -> str:
         job = s.get("job", {})
         how = decoding_label(job.get("eval_temperature"), job.get("eval_top_p"))
         how += ", the same seeds in every arm" if job.get("eval_temperature") else ""
-        k = ev["decoding"][0].get("samples", 1) if ev["decoding"] else 1
+        k = job.get("eval_samples", 1)
         how += f", {k} samples per problem" if k > 1 else ""
         lines.append(f"held-out decoding ({how}):")
         for r in ev["decoding"]:
